@@ -1,0 +1,70 @@
+"""Score completions against examples: alignment of a predictions file, per-example rows, the table.
+
+The scoring half of ``evaluate.py``; generation from a checkpoint lives in the script.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from rankgrpo.catalog import Catalog
+from rankgrpo.data import DataError, Example
+from rankgrpo.metrics import KS, aggregate, score_completion
+from rankgrpo.parsing import parse_recommendations
+
+
+def load_predictions(path: str | Path, examples: Sequence[Example]) -> list[str]:
+    """Completions aligned with ``examples``.
+
+    The file is JSONL; each line has ``completion`` (a string or a list of chat messages)
+    and, optionally, ``id``. If every line has an id, predictions are matched by id (every
+    example must have one); otherwise by line order (the counts must agree).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: predictions file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or "completion" not in obj:
+                raise DataError(f"{where}: missing field 'completion'")
+            comp = obj["completion"]
+            if isinstance(comp, list):
+                comp = "".join(m.get("content", "") for m in comp if isinstance(m, dict))
+            if not isinstance(comp, str):
+                raise DataError(f"{where}: field 'completion' must be a string or chat messages")
+            rows.append((obj.get("id"), comp, where))
+    if rows and all(r[0] is not None for r in rows):
+        by_id = {}
+        for pid, comp, where in rows:
+            if str(pid) in by_id:
+                raise DataError(f"{where}: duplicate id {pid!r}")
+            by_id[str(pid)] = comp
+        missing = [e.id for e in examples if e.id not in by_id]
+        if missing:
+            raise DataError(f"{path}: no prediction for {len(missing)} example id(s), e.g. {missing[:3]}")
+        return [by_id[e.id] for e in examples]
+    if len(rows) != len(examples):
+        raise DataError(f"{path}: {len(rows)} predictions for {len(examples)} examples (align by 'id' or by line)")
+    return [comp for _, comp, _ in rows]
+
+
+def score_examples(examples: Sequence[Example], completions: Sequence[str], catalog: Catalog, *,
+                   ks: Sequence[int] = KS, positions: str = "shift", ideal: str = "standard",
+                   year_tolerance: int = 2, n_items: int = 20) -> tuple[dict, list[dict]]:
+    """Parse and score every completion once. Returns (aggregate, per-example rows)."""
+    rows = []
+    for ex, comp in zip(examples, completions, strict=True):
+        items = parse_recommendations(comp)
+        row = score_completion(items, ex.groundtruth, ex.seen_titles, catalog, ks=ks, positions=positions,
+                               ideal=ideal, year_tolerance=year_tolerance, n_items=n_items)
+        rows.append({"id": ex.id, "completion": comp, **row})
+    return aggregate([{k: v for k, v in r.items() if k not in ("id", "completion")} for r in rows]), rows
