@@ -1,0 +1,483 @@
+"""Losses of the RL stage (Rank-GRPO, and the GRPO / GSPO baselines) and of SFT.
+
+Pure functions: tensors in, ``(loss, metrics)`` out; every coefficient is an argument.
+Shapes: B completions (prompts x G), T completion tokens, N ranks (list length, 20 in the
+paper), V vocabulary. Symbols follow PAPER.md section 6: w is an importance ratio, A (Â)
+an advantage, eps_low / eps_high the clip range, beta the KL coefficient.
+
+Masking is exact: values at positions outside the mask are replaced (``torch.where``) before
+any arithmetic, so padding may hold any garbage, NaN and inf included, without changing the
+loss or its gradient.
+
+| Paper | Function |
+|---|---|
+| Eq. 2, SFT NLL on the completion | ``sft_loss`` |
+| Eq. 3 / 4, GRPO: token ratio, one advantage per list | ``grpo_loss`` |
+| GSPO (App. B Eq. 15): list-level geometric-mean ratio | ``gspo_loss`` |
+| Eq. 6, Rank-GRPO objective (gradient Eq. 7) | ``rank_grpo_loss`` |
+| §6.6, rank-level advantage over the G samples | ``group_advantages`` |
+| §6.7, rank-level geometric-mean ratio (log) | ``rank_log_ratio`` (+ ``rank_token_counts``) |
+| §6.10, k3 KL estimator | ``k3_kl`` |
+| §6.11, length shaping eps_o / eps_u | ``rank_grpo_loss`` keywords; ``eos_positions`` |
+| §6.10 / §12.1, aggregation, accumulation | ``rank_grpo_loss(aggregation=, denom=)``, ``loss_denominator`` |
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+AGGREGATIONS = ("rank_mean", "token_mean")
+
+
+# ---------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Rank-level advantage (PAPER.md §6.6): z-score over the G samples of each prompt.
+
+        Â[p, i, k] = (r[p, i, k] - mean_i r[p, :, k]) / (std_i r[p, :, k] + eps)
+
+    with the unbiased std (``torch.std``) and eps = 1e-4, as in the authors' code. A group
+    whose rewards are all equal (at that rank) gets exactly 0, never NaN; G = 1 gives 0.
+
+    rewards: [P, G, ...] (e.g. [P, G, N] per-rank returns, or [P, G] list rewards for GRPO).
+    Returns the same shape.
+
+    >>> r = torch.tensor([[[1., 0.], [0., 0.], [1., 0.]]])     # P=1, G=3, N=2; rank 1 all equal
+    >>> group_advantages(r)
+    tensor([[[ 0.5773,  0.0000],
+             [-1.1545,  0.0000],
+             [ 0.5773,  0.0000]]])
+    """
+    if rewards.dim() < 2:
+        raise ValueError(f"rewards must be [P, G, ...], got shape {tuple(rewards.shape)}")
+    constant = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
+    if rewards.shape[1] == 1:
+        return torch.zeros_like(rewards)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    scaled = centred / (rewards.std(dim=1, keepdim=True, correction=1) + eps)
+    return torch.where(constant, torch.zeros_like(scaled), scaled)
+
+
+# ---------------------------------------------------------------------------------------
+# Rank-level pieces
+# ---------------------------------------------------------------------------------------
+
+def _in_ranks(rank_ids: torch.Tensor, mask: torch.Tensor, n_ranks: int) -> torch.Tensor:
+    """[B, T] bool: masked tokens whose rank lies in [0, n_ranks)."""
+    return mask.bool() & (rank_ids >= 0) & (rank_ids < n_ranks)
+
+
+def _rank_sums(values: torch.Tensor, rank_ids: torch.Tensor, keep: torch.Tensor, n_ranks: int) -> torch.Tensor:
+    """[B, n_ranks]: sum of ``values`` [B, T] over the kept tokens of each rank.
+
+    Tokens that are not kept go to an extra column that is dropped, and their values are
+    replaced by 0 first, so garbage there never reaches the result or its gradient.
+    """
+    index = torch.where(keep, rank_ids.long(), n_ranks)
+    values = torch.where(keep, values, torch.zeros_like(values))
+    sums = values.new_zeros(values.shape[0], n_ranks + 1).scatter_add(1, index, values)
+    return sums[:, :n_ranks]
+
+
+def rank_token_counts(rank_ids: torch.Tensor, mask: torch.Tensor, n_ranks: int) -> torch.Tensor:
+    """|y^(k)|: number of masked tokens of each rank. rank_ids, mask: [B, T] -> LongTensor [B, n_ranks].
+
+    A rank with count 0 is empty (the line has no token of its own, e.g. a blank line
+    written by a "\\n\\n" token, or a list cut before it).
+
+    >>> rank_token_counts(torch.tensor([[0, 0, 1, 3, -1]]), torch.tensor([[1, 1, 1, 1, 0]]), 3)
+    tensor([[2, 1, 0]])
+    """
+    keep = _in_ranks(rank_ids, mask, n_ranks)
+    return _rank_sums(keep.long(), rank_ids, keep, n_ranks)
+
+
+def rank_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, rank_ids: torch.Tensor,
+                   mask: torch.Tensor, n_ranks: int) -> torch.Tensor:
+    """log w_{i,k}: per-rank mean of the token log-ratios (PAPER.md §6.7).
+
+        log w_k = (1/|y^(k)|) Σ_{t in rank k} (log π_θ(y_t) - log π_old(y_t))
+
+    i.e. the log of the ratio of geometric-mean token probabilities. A rank with no tokens
+    gets 0 (w = 1); ``rank_token_counts`` tells which ranks are empty. Tokens outside the
+    mask or with a rank outside [0, n_ranks) are ignored.
+
+    logp, old_logp: [B, T] float; rank_ids: [B, T] long; mask: [B, T]. Returns [B, n_ranks].
+
+    Gradient: ∂ log w_k / ∂ log π_θ(y_t) = 1/|y^(k)| for each token of rank k, which is the
+    per-item mean token gradient of Eq. 7. The GSPO-token stop-gradient form
+    (log π - sg(log π) + sg(log w)) has the same value and, since every token of a rank shares
+    one advantage, the same gradient, so the plain mean is used.
+
+    >>> logp = torch.tensor([[-1.0, -2.0, -0.5, -0.5, -9.0]])
+    >>> old = torch.tensor([[-1.1, -2.3, -0.5, -0.4, 0.0]])
+    >>> rank_log_ratio(logp, old, torch.tensor([[0, 0, 1, 1, -1]]), torch.tensor([[1, 1, 1, 1, 0]]), 3)
+    tensor([[ 0.2000, -0.0500,  0.0000]])
+    """
+    keep = _in_ranks(rank_ids, mask, n_ranks)
+    sums = _rank_sums(logp - old_logp, rank_ids, keep, n_ranks)
+    counts = _rank_sums(keep.to(logp.dtype), rank_ids, keep, n_ranks)
+    return sums / counts.clamp(min=1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π_θ || π_ref) (PAPER.md §6.10): exp(r) - r - 1, r = log π_ref - log π_θ.
+
+    logp, ref_logp, mask: [B, T]. Returns [B, T], exactly 0 outside the mask. Non-negative;
+    its value is unbiased for the KL under samples from π_θ.
+    """
+    r = torch.where(mask.bool(), ref_logp - logp, torch.zeros_like(logp))
+    return torch.exp(r) - r - 1  # exactly 0 where r = 0
+
+
+def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    """min(w A, clip(w, 1 - eps_low, 1 + eps_high) A), elementwise (the PPO / GRPO surrogate)."""
+    return torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+
+
+def loss_denominator(aggregation: str, mask: torch.Tensor, n_ranks: int):
+    """The normaliser of one batch under each aggregation, for gradient accumulation.
+
+    "rank_mean": B * n_ranks (ranks, Eq. 6); "token_mean": number of masked tokens;
+    "sequence_mean": B (lists, Eq. 3 and GSPO; pass n_ranks=1).
+    Sum it over the micro-batches of one optimiser step and pass the total as ``denom=`` to
+    every micro-batch's loss: the summed micro-batch losses then equal the loss of the whole
+    batch (a mean of per-micro-batch means would not when token counts differ).
+
+    mask: [B, T]. Returns an int, or a 0-dim tensor for "token_mean".
+    """
+    if aggregation == "rank_mean":
+        return mask.shape[0] * n_ranks
+    if aggregation == "token_mean":
+        return mask.bool().sum()
+    if aggregation == "sequence_mean":
+        return mask.shape[0]
+    raise ValueError(f"aggregation must be 'rank_mean', 'token_mean' or 'sequence_mean', got {aggregation!r}")
+
+
+def _positive(denom):
+    """The normaliser, at least 1 (a batch with nothing to average gives loss 0, not NaN)."""
+    return denom.clamp(min=1) if torch.is_tensor(denom) else max(denom, 1)
+
+
+def eos_positions(lengths: torch.Tensor, ended_with_eos: torch.Tensor) -> torch.Tensor:
+    """``eos_index`` for ``rank_grpo_loss`` from a rollout: LongTensor [B], the column of the
+    <eos> token (lengths - 1) where the row ended with <eos>, -1 where it was cut before.
+
+    >>> eos_positions(torch.tensor([3, 5, 2]), torch.tensor([True, False, True]))
+    tensor([ 2, -1,  1])
+    """
+    return torch.where(ended_with_eos.bool(), lengths.long() - 1, -1)
+
+
+# ---------------------------------------------------------------------------------------
+# Rank-GRPO
+# ---------------------------------------------------------------------------------------
+
+def _check_token_inputs(logp, old_logp, ref_logp, mask, beta):
+    for name, x in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
+        if x is not None and x.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, logp has {tuple(logp.shape)}; "
+                             "both must be [B, T]")
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    if beta != 0 and ref_logp is None:
+        raise ValueError("beta != 0 needs ref_logp (the frozen reference policy's log-probs)")
+
+
+def _premature_stops(rank_ids, mask, eos_index, n_ranks):
+    """[B] bool: the row ended with <eos> on a line before the last rank (fewer than N lines)."""
+    ended = eos_index >= 0
+    at = eos_index.long().clamp(min=0).unsqueeze(1)
+    if not bool(torch.all(~ended | mask.bool().gather(1, at).squeeze(1))):
+        raise ValueError("eos_index must point at a masked completion token (or be -1 for a cut completion)")
+    eos_rank = rank_ids.long().gather(1, at).squeeze(1)
+    return ended & (eos_rank < n_ranks - 1)
+
+
+def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
+                   eps_low=0.06, eps_high=0.08, beta=1e-3, aggregation="rank_mean",
+                   overflow_penalty=-0.1, early_stop_penalty=-0.1, eos_index=None, denom=None):
+    """Rank-GRPO loss = -J (Eq. 6) + beta * KL, with optional length shaping (§6.11).
+
+    Inputs (B = prompts x G, T completion tokens, N = advantages.shape[-1]):
+      logp, old_logp, ref_logp: [B, T] log π_θ / π_old / π_ref of the sampled tokens
+        (ref_logp may be None when beta == 0); mask: [B, T], 1 on completion tokens;
+      rank_ids: [B, T] from ``rankgrpo.segment.token_ranks`` (line index, >= N overflow);
+      advantages: [B, N] Â_{i,k} (``group_advantages`` of the causal returns);
+      eos_index: LongTensor [B], column of the <eos> token in each row, -1 where the
+        completion was cut before <eos> (``eos_positions(lengths, ended_with_eos)``);
+        needed only when early_stop_penalty != 0;
+      denom: global normaliser for gradient accumulation (``loss_denominator``); None means
+        this batch's own.
+
+    **Units.** The loss is a sum over units, each with a geometric-mean ratio w (over its
+    tokens), an advantage and a clipped term min(w A, clip(w, 1-eps_low, 1+eps_high) A):
+      * rank k < N: the tokens of line k (its closing "\\n" included, <eos> in the last line),
+        advantage Â_k. A rank with no tokens contributes 0 but still counts in N.
+      * overflow line k >= N that holds at least one token: its own ratio, advantage
+        ``overflow_penalty`` (eps_o, paper: -0.1 per overflow item).
+      * premature stop (the row ended with <eos> on a line k < N-1, i.e. fewer than N lines):
+        the <eos> token alone, ratio π_θ(eos)/π_old(eos), advantage ``early_stop_penalty``
+        (eps_u, paper: -0.1). The <eos> token also stays in its line's unit.
+    The shaping values are advantage terms added after normalisation (as the authors' code
+    does), not rewards; 0 switches each off. The authors' undocumented +0.1 bonus for exactly
+    N lines is not added. A trailing "\\n" after line N-1 makes an overflow line holding <eos>.
+
+    **Aggregation.**
+      * "rank_mean" (paper, Eq. 6), D = B*N by default:
+            loss = -(1/D) [Σ_units min(w A, clip(w) A)] + beta (1/D) Σ_{line units} mean_{t in unit} KL_t
+        Each unit (rank, overflow line, premature stop) weighs the same whatever its length,
+        and its tokens share 1/|y^(k)| of its gradient (Eq. 7).
+        KL choice: the per-token k3 KL is averaged within each line unit and summed over
+        units with the same 1/D, so it enters like a per-rank term: every rank weighs the
+        same in the KL as in the policy term, the KL gradient of a token carries the same
+        1/|y^(k)| as its policy gradient, and accumulation with ``denom`` stays exact.
+      * "token_mean" (the authors' code, TRL 0.21 "bnpo"), D = number of masked tokens:
+            loss = -(1/D) [Σ_units |unit| min(w A, clip(w) A)] + beta (1/D) Σ_t KL_t
+        The unit's ratio and advantage are copied onto each of its tokens, so each rank is
+        weighted by its token count (the stop unit has one token). Unlike the authors' code,
+        overflow lines keep one ratio each (not one shared bin) and <eos> keeps its line's
+        advantage besides the stop term.
+
+    Returns ``(loss, metrics)``; metrics (floats, per-rank lists) are computed without grad:
+    "loss", "loss/policy", "loss/kl" (beta times the KL term), "kl" (mean token k3),
+    "ratio/mean|min|max" over units, "clip/low_frac" (A < 0 and w < 1 - eps_low) and
+    "clip/high_frac" (A > 0 and w > 1 + eps_high): fractions of units whose gradient the clip
+    zeroes; "adv/mean", "adv/std", "adv/zero_frac", "adv/rank_mean", "adv/rank_abs_mean"
+    ([N] lists), "units/empty_rank_frac", "units/overflow", "units/early_stop", "n_tokens".
+
+    Worked example (B=1, N=2; tokens 0-1 are rank 0, tokens 2-4 rank 1, the last is padding):
+
+    >>> old = torch.zeros(1, 6)
+    >>> logp = torch.tensor([[0.02, 0.04, -0.10, 0.00, -0.05, 123.0]])
+    >>> ranks = torch.tensor([[0, 0, 1, 1, 1, -1]]); mask = ranks >= 0
+    >>> adv = torch.tensor([[1.0, -1.0]])
+    >>> loss, m = rank_grpo_loss(logp, old, None, ranks, mask, adv, beta=0.0,
+    ...                          overflow_penalty=0.0, early_stop_penalty=0.0)
+    >>> # w_0 = exp(0.03) = 1.0305 (A=+1), w_1 = exp(-0.05) = 0.9512 (A=-1): -(1.0305 - 0.9512)/2
+    >>> round(loss.item(), 4), round(m["ratio/max"], 4), round(m["ratio/min"], 4)
+    (-0.0396, 1.0305, 0.9512)
+    """
+    _check_token_inputs(logp, old_logp, ref_logp, mask, beta)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if advantages.dim() != 2 or advantages.shape[0] != logp.shape[0]:
+        raise ValueError(f"advantages must be [B, N] with B = {logp.shape[0]}, got {tuple(advantages.shape)}")
+    if early_stop_penalty != 0 and eos_index is None:
+        raise ValueError("early_stop_penalty != 0 needs eos_index ([B], -1 for completions cut before <eos>)")
+    mask = mask.bool()
+    rank_ids = rank_ids.long()
+    if bool(torch.any(mask & (rank_ids < 0))):
+        raise ValueError("every masked token needs a rank id >= 0 (see rankgrpo.segment.token_ranks)")
+    n_rows, n_ranks = advantages.shape
+    zero = logp.new_zeros(())
+
+    # Stage 1: line units 0 .. n_lines-1; lines >= N are overflow.
+    last_line = int(torch.where(mask, rank_ids, -1).max()) if mask.numel() else -1
+    n_lines = max(n_ranks, last_line + 1)
+    counts = rank_token_counts(rank_ids, mask, n_lines)                       # [B, L]
+    present = counts > 0
+    log_w = rank_log_ratio(logp, old_logp, rank_ids, mask, n_lines)           # [B, L]
+    overflow_adv = advantages.new_full((n_rows, n_lines - n_ranks), overflow_penalty)
+    unit_adv = torch.where(present, torch.cat([advantages, overflow_adv], dim=1), 0.0)
+    ratio = torch.exp(log_w)
+    surrogate = _clipped_surrogate(ratio, unit_adv, eps_low, eps_high)     # 0 on empty units (A = 0)
+
+    # Stage 2: the premature-stop unit, the <eos> token alone.
+    if early_stop_penalty != 0:
+        stops = _premature_stops(rank_ids, mask, eos_index, n_ranks)          # [B]
+        at = eos_index.clamp(min=0).long().unsqueeze(1)
+        eos_log_w = torch.where(stops, (logp.gather(1, at) - old_logp.gather(1, at)).squeeze(1), zero)
+        stop_ratio = torch.exp(eos_log_w)
+        stop_adv = torch.where(stops, torch.full_like(stop_ratio, early_stop_penalty), zero)
+        stop_surrogate = torch.where(stops, _clipped_surrogate(stop_ratio, stop_adv, eps_low, eps_high), zero)
+    else:
+        stops = torch.zeros(n_rows, dtype=torch.bool, device=logp.device)
+        stop_ratio = stop_adv = stop_surrogate = logp.new_zeros(n_rows)
+
+    # Stage 3: aggregate (per-unit weight 1 for rank_mean, |unit| tokens for token_mean).
+    denom = loss_denominator(aggregation, mask, n_ranks) if denom is None else denom
+    weight = present.to(logp.dtype) if aggregation == "rank_mean" else counts.to(logp.dtype)
+    policy_loss = -((surrogate * weight).sum() + stop_surrogate.sum()) / _positive(denom)
+    kl_token = k3_kl(logp, ref_logp, mask) if ref_logp is not None else None
+    if beta != 0:
+        if aggregation == "rank_mean":
+            kl_sum = (_rank_sums(kl_token, rank_ids, mask, n_lines) / counts.clamp(min=1)).sum()
+        else:
+            kl_sum = kl_token.sum()
+        kl_loss = beta * kl_sum / _positive(denom)
+    else:
+        kl_loss = zero
+    loss = policy_loss + kl_loss
+
+    with torch.no_grad():
+        metrics = _rank_metrics(loss, policy_loss, kl_loss, kl_token, mask, advantages, counts, present,
+                                ratio, unit_adv, stops, stop_ratio, stop_adv, eps_low, eps_high)
+    return loss, metrics
+
+
+def _rank_metrics(loss, policy_loss, kl_loss, kl_token, mask, advantages, counts, present,
+                  ratio, unit_adv, stops, stop_ratio, stop_adv, eps_low, eps_high):
+    n_ranks = advantages.shape[1]
+    unit_ratio = torch.cat([ratio[present], stop_ratio[stops]])
+    adv = torch.cat([unit_adv[present], stop_adv[stops]])
+    n_units = max(unit_ratio.numel(), 1)
+    clipped_low = ((adv < 0) & (unit_ratio < 1 - eps_low)).sum() / n_units
+    clipped_high = ((adv > 0) & (unit_ratio > 1 + eps_high)).sum() / n_units
+    n_tokens = mask.sum()
+    scalars = {
+        "loss": loss, "loss/policy": policy_loss, "loss/kl": kl_loss,
+        "ratio/mean": unit_ratio.mean() if unit_ratio.numel() else loss.new_ones(()),
+        "ratio/min": unit_ratio.min() if unit_ratio.numel() else loss.new_ones(()),
+        "ratio/max": unit_ratio.max() if unit_ratio.numel() else loss.new_ones(()),
+        "clip/low_frac": clipped_low, "clip/high_frac": clipped_high,
+        "adv/mean": advantages.mean(), "adv/std": advantages.std(correction=0),
+        "adv/zero_frac": (advantages == 0).float().mean(),
+        "units/empty_rank_frac": (~present[:, :n_ranks]).float().mean(),
+        "units/overflow": present[:, n_ranks:].sum(), "units/early_stop": stops.sum(),
+        "n_tokens": n_tokens,
+    }
+    if kl_token is not None:
+        scalars["kl"] = kl_token.sum() / n_tokens.clamp(min=1)
+    names = list(scalars)
+    values = torch.stack([torch.as_tensor(scalars[k], dtype=torch.float64, device=loss.device) for k in names])
+    metrics = dict(zip(names, values.tolist()))
+    metrics["adv/rank_mean"] = advantages.mean(dim=0).tolist()
+    metrics["adv/rank_abs_mean"] = advantages.abs().mean(dim=0).tolist()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Baselines: GRPO (token ratio) and GSPO (list ratio), one advantage per list
+# ---------------------------------------------------------------------------------------
+
+def grpo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=0.2, eps_high=0.26, beta=1e-3, denom=None):
+    """Vanilla GRPO loss = -J (Eq. 3) + beta * KL: token ratio, one advantage per list.
+
+        loss = -(1/D) Σ_i (1/|y_i|) Σ_t min(w_it Â_i, clip(w_it, 1-eps_low, 1+eps_high) Â_i)
+               + beta (1/D) Σ_i (1/|y_i|) Σ_t KL_t,        w_it = π_θ(y_it) / π_old(y_it)
+
+    D = B by default (``loss_denominator("sequence_mean", ...)``); a row with no tokens
+    contributes 0 but counts in B. Gradient (Eq. 4): Σ_i (1/|y_i|) Σ_t w_it Â_i ∇log π(y_it)
+    inside the clip range.
+
+    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B] (``group_advantages`` of DCG@N).
+    Returns ``(loss, metrics)`` with "loss", "loss/policy", "loss/kl", "kl", "ratio/mean|min|max"
+    and "clip/low_frac" / "clip/high_frac" over tokens.
+
+    >>> logp = torch.tensor([[0.1, -0.1, 0.0], [0.0, 0.0, 0.5]]); old = torch.zeros(2, 3)
+    >>> mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    >>> loss, m = grpo_loss(logp, old, None, mask, torch.tensor([1.0, -1.0]), beta=0.0)
+    >>> # row 0: (e^0.1 + e^-0.1 + 1)/3 = 1.0033; row 1: -(1 + 1)/2 = -1; loss = -(1.0033 - 1)/2
+    >>> round(loss.item(), 5)
+    -0.00167
+    """
+    _check_token_inputs(logp, old_logp, ref_logp, mask, beta)
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [B] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
+    mask = mask.bool()
+    zero = logp.new_zeros(())
+    lengths = mask.sum(dim=1).clamp(min=1).to(logp.dtype)                    # |y_i|
+    log_w = torch.where(mask, logp - old_logp, zero)
+    ratio = torch.exp(log_w)
+    adv = advantages.unsqueeze(1).expand_as(ratio)
+    surrogate = torch.where(mask, _clipped_surrogate(ratio, adv, eps_low, eps_high), zero)
+    denom = loss_denominator("sequence_mean", mask, 1) if denom is None else denom
+    policy_loss = -(surrogate.sum(dim=1) / lengths).sum() / _positive(denom)
+    kl_token = k3_kl(logp, ref_logp, mask) if ref_logp is not None else None
+    kl_loss = beta * (kl_token.sum(dim=1) / lengths).sum() / _positive(denom) if beta != 0 else zero
+    loss = policy_loss + kl_loss
+    with torch.no_grad():
+        token_ratio = ratio[mask]
+        token_adv = adv[mask]
+        n = max(token_ratio.numel(), 1)
+        scalars = {
+            "loss": loss, "loss/policy": policy_loss, "loss/kl": kl_loss,
+            "ratio/mean": token_ratio.sum() / n,
+            "ratio/min": token_ratio.min() if token_ratio.numel() else logp.new_ones(()),
+            "ratio/max": token_ratio.max() if token_ratio.numel() else logp.new_ones(()),
+            "clip/low_frac": ((token_adv < 0) & (token_ratio < 1 - eps_low)).sum() / n,
+            "clip/high_frac": ((token_adv > 0) & (token_ratio > 1 + eps_high)).sum() / n,
+            "adv/mean": advantages.mean(), "n_tokens": mask.sum(),
+        }
+        if kl_token is not None:
+            scalars["kl"] = kl_token.sum() / n
+        names = list(scalars)
+        values = torch.stack([torch.as_tensor(scalars[k], dtype=torch.float64, device=logp.device) for k in names])
+        metrics = dict(zip(names, values.tolist()))
+    return loss, metrics
+
+
+def gspo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=3e-4, eps_high=4e-4, beta=1e-3, denom=None):
+    """GSPO loss (PAPER.md §6.3): one geometric-mean ratio and one advantage per list.
+
+        s_i = exp((1/|y_i|) Σ_t (log π_θ(y_it) - log π_old(y_it)))
+        loss = -(1/D) Σ_i min(s_i Â_i, clip(s_i, 1-eps_low, 1+eps_high) Â_i)
+               + beta (1/D) Σ_i (1/|y_i|) Σ_t KL_t
+
+    This is Rank-GRPO with the whole list as a single rank (N = 1, no length shaping), and is
+    computed that way. D = B by default. Gradient (App. B Eq. 15): Σ_i s_i Â_i (1/|y_i|) Σ_t ∇log π.
+
+    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. Returns ``(loss, metrics)`` with the
+    metrics of ``rank_grpo_loss`` (units are lists).
+
+    >>> logp = torch.tensor([[0.1, -0.1, 0.3], [0.0, 0.0, 0.5]]); old = torch.zeros(2, 3)
+    >>> mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    >>> loss, m = gspo_loss(logp, old, None, mask, torch.tensor([1.0, -1.0]), beta=0.0, eps_low=0.2, eps_high=0.2)
+    >>> # s_0 = exp(0.1) = 1.1052, s_1 = exp(0) = 1: -(1.1052 - 1)/2
+    >>> round(loss.item(), 4)
+    -0.0526
+    """
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [B] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
+    one_rank = torch.zeros_like(mask, dtype=torch.long)
+    return rank_grpo_loss(logp, old_logp, ref_logp, one_rank, mask, advantages.unsqueeze(1),
+                          eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation="rank_mean",
+                          overflow_penalty=0.0, early_stop_penalty=0.0, eos_index=None, denom=denom)
+
+
+# ---------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------
+
+def sft_loss(logits, labels_mask, input_ids, *, denom=None):
+    """Behaviour cloning on the completion only (Eq. 2): mean NLL of the target tokens.
+
+        loss = -(1/D) Σ_{b,t: labels_mask[b,t]} log softmax(logits[b, t-1])[input_ids[b, t]]
+
+    logits: [B, T, V], position t predicts input_ids[:, t+1]; labels_mask: [B, T], 1 on the
+    target (completion) tokens, 0 on prompt and padding (position 0 cannot be a target);
+    input_ids: [B, T]. D = number of target tokens by default (``denom`` for accumulation).
+    Only the rows of logits that predict a target are gathered (a copy of [n_targets, V]),
+    and ``cross_entropy`` does the log-softmax and the gather in one fused call.
+
+    Returns ``(loss, metrics)``: "loss", "nll" (mean per target token), "accuracy" (argmax
+    equals target), "n_tokens".
+
+    >>> logits = torch.zeros(1, 3, 4)                        # uniform over 4 tokens
+    >>> loss, m = sft_loss(logits, torch.tensor([[0, 1, 1]]), torch.tensor([[2, 1, 3]]))
+    >>> round(loss.item(), 4), m["n_tokens"]                   # log 4 = 1.3863
+    (1.3863, 2.0)
+    """
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape or labels_mask.shape != input_ids.shape:
+        raise ValueError(f"logits [B, T, V], labels_mask [B, T], input_ids [B, T] expected; got "
+                         f"{tuple(logits.shape)}, {tuple(labels_mask.shape)}, {tuple(input_ids.shape)}")
+    target = labels_mask.bool()
+    if bool(target[:, 0].any()):
+        raise ValueError("labels_mask[:, 0] must be 0: no logit predicts the first token")
+    rows, cols = torch.nonzero(target[:, 1:], as_tuple=True)                  # targets at cols + 1
+    picked = logits[rows, cols]                                              # [n, V]
+    if picked.dtype in (torch.float16, torch.bfloat16):
+        picked = picked.float()
+    targets = input_ids[rows, cols + 1]
+    nll_sum = F.cross_entropy(picked, targets, reduction="sum")
+    n_targets = targets.numel()
+    loss = nll_sum / _positive(n_targets if denom is None else denom)
+    with torch.no_grad():
+        accuracy = (picked.argmax(dim=-1) == targets).sum() / max(n_targets, 1)
+        metrics = {"loss": loss.item(), "nll": nll_sum.item() / max(n_targets, 1),
+                   "accuracy": accuracy.item(), "n_tokens": float(n_targets)}
+    return loss, metrics
