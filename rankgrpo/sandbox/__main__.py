@@ -1,0 +1,67 @@
+"""Command line of the sandbox.
+
+    python -m rankgrpo.sandbox --out DIR [--seed 0 --n-films 3000 ...]   build a world (every SandboxConfig field)
+    python -m rankgrpo.sandbox --out DIR --calibrate                   build, then calibrate
+    python -m rankgrpo.sandbox calibrate --world DIR [--ooc-rate ...]   calibrate (every TeacherConfig field)
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, fields
+
+from rankgrpo.config import arg, parse_config
+from rankgrpo.sandbox.config import SandboxConfig, TeacherConfig
+
+
+@dataclass
+class BuildCommand(SandboxConfig):
+    """Build a sandbox world: catalog, splits and base model."""
+
+    out: str = arg("sandbox_world", "Directory to write the world into.")
+    calibrate: bool = arg(False, "Calibrate on the test split after building.")
+
+
+@dataclass
+class CalibrateCommand(TeacherConfig):
+    """Score popularity, the raw simulated teacher and the oracle on a split of a sandbox world."""
+
+    world: str = arg("sandbox_world", "Directory of a world written by `python -m rankgrpo.sandbox --out DIR`.")
+    split: str = arg("test", "Split to score.", choices=("train", "validation", "test"))
+    limit: int = arg(0, "Score only the first LIMIT samples (0: all).")
+
+
+def _only(cls, cfg):
+    return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
+def _calibrate(world_dir: str, teacher_cfg: TeacherConfig, split: str = "test", limit: int = 0) -> None:
+    from rankgrpo.sandbox.baselines import calibrate, calibration_report
+    from rankgrpo.sandbox.build import load_world
+    from rankgrpo.sandbox.teacher import SandboxTeacher
+
+    world = load_world(world_dir)
+    t0 = time.perf_counter()
+    results = calibrate(world, SandboxTeacher(world, teacher_cfg), split, limit=limit or None)
+    print(f"calibration on {split} ({time.perf_counter() - t0:.1f}s)")
+    print(calibration_report(results))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "calibrate":
+        cmd = parse_config(CalibrateCommand, argv[1:])
+        _calibrate(cmd.world, _only(TeacherConfig, cmd), cmd.split, cmd.limit)
+        return
+    cmd = parse_config(BuildCommand, argv)
+    from rankgrpo.sandbox.build import build_world
+
+    t0 = time.perf_counter()
+    build_world(_only(SandboxConfig, cmd), cmd.out, verbose=True)
+    print(f"built in {time.perf_counter() - t0:.1f}s")
+    if cmd.calibrate:
+        _calibrate(cmd.out, TeacherConfig())
+
+
+if __name__ == "__main__":
+    main()

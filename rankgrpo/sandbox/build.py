@@ -1,0 +1,171 @@
+"""Write a sandbox world to a directory, and load it back.
+
+Layout of ``DIR`` (a split directory like the released data, plus the catalog and a model)::
+
+    DIR/catalog.jsonl          {"title","year","genres","keywords","director","popularity","plot"} per film
+    DIR/train.jsonl            samples in the data format (prompt, seen_titles,
+    DIR/validation.jsonl         groundtruth_with_release_year, num_groundtruth, id, date),
+    DIR/test.jsonl               in time order: train < validation < test
+    DIR/base_model/            tokenizer + random tiny Qwen2 (``from_pretrained``-able)
+    DIR/hidden/world.json      the SandboxConfig, counts and the sha256 of every data file
+    DIR/hidden/tastes.jsonl    the latent taste of every conversation, keyed by conversation_key:
+                               what only the simulated teacher and the oracle may read
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from rankgrpo.catalog import load_catalog
+from rankgrpo.io import atomic_write_json, atomic_write_text
+from rankgrpo.sandbox.config import SandboxConfig
+from rankgrpo.sandbox.world import (
+    FORMAT,
+    HIDDEN,
+    Taste,
+    World,
+    catalog_from_films,
+    conversation_key,
+    conversation_of,
+    films_to_jsonl,
+    generate_catalog,
+    generate_conversations,
+    sample_rows,
+)
+
+SPLITS = ("train", "validation", "test")
+_GENERATOR_MODULES = ("config.py", "vocab.py", "world.py", "build.py", "model.py")
+
+
+def generator_version() -> str:
+    """A hash of the code that generates worlds: ``ensure_world`` rebuilds a world written by
+    other code, so a directory never silently holds data the current code would not produce."""
+    h = hashlib.sha256()
+    for name in _GENERATOR_MODULES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+DATA_FILES = ("catalog.jsonl", "train.jsonl", "validation.jsonl", "test.jsonl", f"{HIDDEN}/tastes.jsonl")
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def tokenizer_corpus(world: World, split_rows: dict[str, list[dict]], max_rows: int = 10000):
+    """Text the tokenizer is trained on: catalog lines and metadata, and (up to ``max_rows``)
+    training conversations with their ground truths written as lists, the prompt's fixed
+    instructions included now and then. Validation and test text is left out."""
+    for it in world.catalog:
+        yield f"{it.title} ({it.year})\n{it.title} ({it.year})"
+        yield f"Keywords: {', '.join(it.meta.get('keywords', []))}\nPlots: {it.meta.get('plot', '')}"
+    for j, row in enumerate(split_rows["train"][:max_rows]):
+        prompt = row["prompt"][0]["content"]
+        yield prompt if j % 20 == 0 else conversation_of(prompt)
+        yield "\n".join(f"{t} ({y})" for t, y in row["groundtruth_with_release_year"])
+
+
+def build_world(cfg: SandboxConfig | None = None, out_dir: str | Path = "sandbox_world", *,
+                verbose: bool = False) -> World:
+    """Generate the world of ``cfg`` into ``out_dir`` and return it (loaded, with ``root`` set).
+
+    Deterministic: the same config gives byte-identical data files (and the same model
+    weights). Every file is written atomically; the base model is written to a temporary
+    directory and moved into place."""
+    cfg = cfg or SandboxConfig()
+    cfg.validate()
+    out = Path(out_dir)
+    films = generate_catalog(cfg)
+    world = World(cfg, catalog_from_films(films))
+    convs = generate_conversations(world, {"train": cfg.n_train, "validation": cfg.n_validation,
+                                           "test": cfg.n_test})
+    splits = {s: [conv for conv in convs if conv.split == s] for s in SPLITS}
+
+    split_rows = {s: [row for conv in splits[s] for row in sample_rows(world, conv)] for s in SPLITS}
+    taste_rows = []
+    for s in SPLITS:
+        for conv in splits[s]:
+            row = {"key": conversation_key(conv.text), "split": s,
+                   "ids": [f"sbx-{conv.index:06d}-{r}" for r in range(len(conv.groundtruths))]}
+            row.update(conv.taste.to_json(world.catalog))
+            taste_rows.append(row)
+    texts = {"catalog.jsonl": films_to_jsonl(films), f"{HIDDEN}/tastes.jsonl": _jsonl(taste_rows)}
+    texts.update({f"{s}.jsonl": _jsonl(split_rows[s]) for s in SPLITS})
+    for name in DATA_FILES:
+        atomic_write_text(out / name, texts[name])
+    manifest = {
+        "format": FORMAT,
+        "generator": generator_version(),
+        "config": dataclasses.asdict(cfg),
+        "counts": {"films": len(films), **{s: len(split_rows[s]) for s in SPLITS},
+                   **{f"{s}_conversations": len(splits[s]) for s in SPLITS}},
+        "sha256": {name: hashlib.sha256(texts[name].encode("utf-8")).hexdigest() for name in DATA_FILES},
+    }
+    if cfg.build_model:
+        from rankgrpo.sandbox.model import build_base_model, build_tokenizer, save_base_model
+
+        tokenizer = build_tokenizer(tokenizer_corpus(world, split_rows), cfg.vocab_size, cfg.max_position_embeddings)
+        model = build_base_model(tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                 intermediate_size=cfg.intermediate_size,
+                                 max_position_embeddings=cfg.max_position_embeddings, seed=cfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".base_model.", dir=out))
+        try:
+            save_base_model(tmp, tokenizer, model)
+            if (out / "base_model").exists():
+                shutil.rmtree(out / "base_model")
+            tmp.rename(out / "base_model")
+            (out / "base_model").chmod(0o755)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        manifest["counts"]["model_parameters"] = sum(p.numel() for p in model.parameters())
+        manifest["counts"]["vocab_size"] = len(tokenizer)
+    atomic_write_json(out / HIDDEN / "world.json", manifest)  # written last: marks the world complete
+    if verbose:
+        c = manifest["counts"]
+        print(f"sandbox world in {out}: {c['films']} films, train/validation/test = "
+              f"{c['train']}/{c['validation']}/{c['test']} samples"
+              + (f", base model {c['model_parameters'] / 1e6:.1f}M parameters" if cfg.build_model else ""))
+    return load_world(out)
+
+
+def load_world(root: str | Path) -> World:
+    """Load a world written by ``build_world`` (catalog, config and the hidden tastes)."""
+    root = Path(root)
+    manifest_path = root / HIDDEN / "world.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{root}: not a sandbox world (no {HIDDEN}/world.json); "
+                                "build one with `python -m rankgrpo.sandbox --out DIR`")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_path}: unknown sandbox format {manifest.get('format')!r} (expected {FORMAT})")
+    names = {f.name for f in dataclasses.fields(SandboxConfig)}
+    cfg = SandboxConfig(**{k: v for k, v in manifest["config"].items() if k in names})
+    catalog = load_catalog(root / "catalog.jsonl")
+    tastes = {}
+    with open(root / HIDDEN / "tastes.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                tastes[row["key"]] = Taste.from_json(row, catalog)
+    return World(cfg, catalog, tastes, root)
+
+
+def ensure_world(out_dir: str | Path = "sandbox_world", cfg: SandboxConfig | None = None, *,
+                 verbose: bool = True) -> World:
+    """Load the world in ``out_dir`` if this code built it from ``cfg`` (default config if None),
+    otherwise build it there. What every script calls when no data is given."""
+    cfg = cfg or SandboxConfig()
+    manifest_path = Path(out_dir) / HIDDEN / "world.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        model_ok = not cfg.build_model or (Path(out_dir) / "base_model" / "config.json").is_file()
+        same = manifest.get("config") == dataclasses.asdict(cfg) and manifest.get("generator") == generator_version()
+        if manifest.get("format") == FORMAT and same and model_ok:
+            return load_world(out_dir)
+    return build_world(cfg, out_dir, verbose=verbose)
