@@ -41,6 +41,19 @@ a whole data set. Decisions the paper leaves open, made here:
   retries is skipped (its completion is None) and counted in ``stats``. Item metadata the
   teacher fails to write falls back to the bare "Title (Year)".
 
+Ablations (PAPER.md Table 2), switched by ``RRAConfig``:
+
+* ``remap_reflect=False`` ("remove remap-reflect"): no embeddings, no judge. The raw list
+  enters the catalog only through I_ic: s = p . I_ic (``identity_scores``), so an in-catalog
+  teacher item scores 1/sqrt(k) and everything else, out-of-catalog items included, 0.
+  Adjust then ranks w * s + b (Eq. 12, fitted on these scores): the identified items carry
+  the teacher's 1/sqrt(k), the free places go to the largest b (the items Adjust learned to
+  be likely ground truths), and a large b may also outrank an identified item. Its
+  "identity" stage list holds only the identified items (often fewer than N). Needs
+  ``adjust=True``, else the lists are short.
+* ``reflect=False`` ("remove reflect"): no judge; s_reflect = s_remap.
+* ``adjust=False``: w = 1, b = 0; the demonstration is the top N after Reflect.
+
 Memory and speed: similarity is never materialised per (conversation, item, catalog
 item). By linearity p . S = (sum_u p_u e_u) . E_C^T, so each conversation needs one
 matrix product with the catalog embeddings E_C [|C|, d], done in blocks of
@@ -87,6 +100,25 @@ class RRAConfig:
     teacher_metadata: bool = arg(True, "Ask the teacher for metadata of catalog items that have none "
                                        "(else they are embedded as bare 'Title (Year)').")
     seed: int = arg(0, "Seed of the Adjust mini-batch order.")
+    remap_reflect: bool = arg(True, "Remap and Reflect. --no-remap-reflect is the 'remove remap-reflect' "
+                                    "ablation: the raw list's in-catalog items (identity I_ic only, out-of-"
+                                    "catalog items dropped) at 1/sqrt(k), then Adjust.")
+    reflect: bool = arg(True, "Reflect (Eq. 11). --no-reflect is the 'remove reflect' ablation: no judge, "
+                              "Adjust is fitted on s_remap.")
+    adjust: bool = arg(True, "Adjust (Eq. 12-13). --no-adjust: the demonstration is the top N after Reflect.")
+
+    def validate(self) -> None:
+        if self.n_items < 1 or self.n_reflect < 1:
+            raise ValueError("n_items and n_reflect must be at least 1")
+        if not self.remap_reflect and not self.adjust:
+            raise ValueError("--no-remap-reflect needs Adjust: without it the identity-mapped raw lists are "
+                             "shorter than N (out-of-catalog items are dropped) and nothing fills them")
+
+    def stages(self) -> list[str]:
+        """The score stages that run, in order ("identity" replaces Remap in the ablation)."""
+        if not self.remap_reflect:
+            return ["identity", "adjust"]
+        return ["remap"] + (["reflect"] if self.reflect else []) + (["adjust"] if self.adjust else [])
 
 
 # ============================================================================= Eq. 10: Remap
@@ -147,6 +179,31 @@ def remap_scores_batched(context_emb: torch.Tensor, item_emb: torch.Tensor, cata
     scores = query @ catalog_emb.T
     hit = catalog_index >= 0
     scores.index_put_((conv[hit], catalog_index[hit]), p[hit], accumulate=True)
+    return scores
+
+
+def identity_scores(lists: Sequence[list["TeacherItem"]], n_catalog: int) -> torch.Tensor:
+    """The 'remove remap-reflect' ablation: s = p . I_ic, Eq. 10 without S and s_context.
+
+    Each in-catalog teacher item scores 1/sqrt(k) at its catalog item; out-of-catalog
+    items and every other catalog item score 0. Returns [len(lists), n_catalog].
+
+    >>> lists = [[TeacherItem(1, "Heat", 1995, 2), TeacherItem(2, "Nope", 2099, None),
+    ...           TeacherItem(4, "Alien", 1979, 0)]]
+    >>> identity_scores(lists, 3).tolist()
+    [[0.5, 0.0, 1.0]]
+    """
+    scores = torch.zeros(len(lists), n_catalog)
+    rows, cols, ranks = [], [], []
+    for i, items in enumerate(lists):
+        for it in items:
+            if it.catalog_index is not None:
+                rows.append(i)
+                cols.append(it.catalog_index)
+                ranks.append(it.rank)
+    if rows:
+        as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        scores.index_put_((as_long(rows), as_long(cols)), positional_weights(as_long(ranks)), accumulate=True)
     return scores
 
 
@@ -276,16 +333,22 @@ def fit_adjust(s_reflect: torch.Tensor, gt: torch.Tensor, *, lambda_w: float = 0
 # ============================================================================= top-N
 
 
-def top_n(scores: torch.Tensor, exclude: Sequence[Sequence[int]], n: int, block_size: int = 1024) -> list[list[int]]:
+def top_n(scores: torch.Tensor, exclude: Sequence[Sequence[int]], n: int, block_size: int = 1024, *,
+          positive_only: bool = False) -> list[list[int]]:
     """The n best catalog indices per row of ``scores`` [B, C], skipping ``exclude[row]`` (seen titles).
+    ``positive_only`` also skips scores <= 0 (the rows may then be shorter than n).
 
     >>> top_n(torch.tensor([[0.1, 0.9, 0.5, 0.7]]), [[1]], 2)
     [[3, 2]]
+    >>> top_n(torch.tensor([[0.0, 0.9, 0.0, 0.7]]), [[1]], 2, positive_only=True)
+    [[3]]
     """
     out: list[list[int]] = []
     k = min(n, scores.shape[1])
     for start in range(0, scores.shape[0], block_size):
         block = scores[start:start + block_size].clone()
+        if positive_only:
+            block[block <= 0] = -math.inf
         for row, cols in enumerate(exclude[start:start + block_size]):
             if len(cols):
                 block[row, torch.as_tensor(list(cols), dtype=torch.long)] = -math.inf
@@ -566,10 +629,14 @@ class RRAResult:
 
     completions:   the demonstration text per example; None = skipped (a teacher failure).
     teacher_lists: the parsed raw teacher list per example (None = the request failed).
-    remap_top, reflect_top, final_top: top-N catalog indices after each stage (ablations).
-    w, b:          the fitted Adjust parameters [C].
+    remap_top, reflect_top, final_top: top-N catalog indices after each stage. With
+                   ``remap_reflect=False`` remap_top is the identity-mapped raw list (its
+                   in-catalog items only); a stage that is switched off repeats the one before.
+    w, b:          the fitted Adjust parameters [C] (1 and 0 without Adjust).
     stats:         counts (failures by kind, items in / out of catalog, ratings missing, ...),
-                   ``failure_reasons`` (reason -> count) and ``seconds`` per stage.
+                   ``failure_reasons`` (reason -> count), ``seconds`` per stage and ``stages``
+                   (the score stages that ran, ``RRAConfig.stages``).
+    teacher_replies: the teacher's raw reply text per example (None = the request failed).
     """
 
     completions: list[str | None]
@@ -580,6 +647,7 @@ class RRAResult:
     w: torch.Tensor
     b: torch.Tensor
     stats: dict = field(default_factory=dict)
+    teacher_replies: list[str | None] = field(default_factory=list)
 
 
 def _progress(log: Callable[[str], None] | None, what: str, total: int):
@@ -597,8 +665,12 @@ def _progress(log: Callable[[str], None] | None, what: str, total: int):
 
 def request_teacher_lists(examples: Sequence[Example], catalog: Catalog, teacher: Teacher, cfg: RRAConfig,
                           stats: Counter, reasons: Counter,
-                          log: Callable[[str], None] | None = None) -> list[list[TeacherItem] | None]:
-    """Send each example's prompt (the paper's recommendation prompt) to the teacher; parse the lists."""
+                          log: Callable[[str], None] | None = None
+                          ) -> tuple[list[list[TeacherItem] | None], list[str | None]]:
+    """Send each example's prompt (the paper's recommendation prompt) to the teacher; parse the lists.
+
+    Returns (parsed lists, raw reply texts), None for a request that failed.
+    """
     replies = teacher.chat_many([ex.messages for ex in examples], validate=validate_list_reply,
                                 on_reply=_progress(log, "teacher lists", len(examples)))
     lists: list[list[TeacherItem] | None] = []
@@ -612,7 +684,7 @@ def request_teacher_lists(examples: Sequence[Example], catalog: Catalog, teacher
         stats["teacher_items"] += len(items)
         stats["teacher_items_in_catalog"] += sum(it.catalog_index is not None for it in items)
         lists.append(items)
-    return lists
+    return lists, [r if isinstance(r, str) else None for r in replies]
 
 
 def out_of_catalog_items(lists: Sequence[list[TeacherItem]]) -> dict[tuple[str, int], tuple[str, int]]:
@@ -718,8 +790,10 @@ def run_rra(examples: Sequence[Example], catalog: Catalog, teacher: Teacher, emb
 
     ``scores`` below is one [conversations, C] float32 matrix, updated in place from
     s_remap to s_reflect to s_final; ``alive`` lists the examples still in the run.
+    The ablation switches of ``cfg`` (module docstring) skip stages.
     """
     cfg = cfg or RRAConfig()
+    RRAConfig.validate(cfg)  # the RRA checks only (a subclass may check more)
     stats: Counter = Counter(conversations=len(examples))
     reasons: Counter = Counter()  # failure reasons, e.g. "list: HTTP 500 from ..."
     seconds: dict[str, float] = {}
@@ -733,44 +807,53 @@ def run_rra(examples: Sequence[Example], catalog: Catalog, teacher: Teacher, emb
             log(f"rra: {stage} done in {seconds[stage]:.1f}s")
 
     # The teacher's raw lists; a conversation whose request failed is skipped.
-    lists = request_teacher_lists(examples, catalog, teacher, cfg, stats, reasons, log)
+    lists, replies = request_teacher_lists(examples, catalog, teacher, cfg, stats, reasons, log)
     alive = [i for i, items in enumerate(lists) if items is not None]
+    seen = [seen_indices(examples[i].seen_titles, catalog) for i in alive]
     lap("teacher lists")
 
-    # Remap (Eq. 10).
-    scores = remap_all([lists[i] for i in alive], [examples[i].conversation for i in alive], catalog, teacher,
-                       embedder, cfg, stats, reasons, cache_dir)
-    seen = [seen_indices(examples[i].seen_titles, catalog) for i in alive]
-    remap_top = top_n(scores, seen, cfg.n_items)
-    lap("remap")
+    if cfg.remap_reflect:  # Remap (Eq. 10)
+        scores = remap_all([lists[i] for i in alive], [examples[i].conversation for i in alive], catalog, teacher,
+                           embedder, cfg, stats, reasons, cache_dir)
+        remap_top = top_n(scores, seen, cfg.n_items)
+        lap("remap")
+    else:  # the ablation: identity only, out-of-catalog items dropped
+        scores = identity_scores([lists[i] for i in alive], len(catalog))
+        remap_top = top_n(scores, seen, cfg.n_items, positive_only=True)
+        lap("identity")
 
-    # Reflect (Eq. 11): the teacher rates the top N_r candidates; a failed judge skips the conversation.
-    candidates = top_n(scores, seen, cfg.n_reflect)
-    ratings = judge_candidates([examples[i].conversation for i in alive], candidates, catalog, teacher, cfg,
-                               stats, reasons, log)
-    judged = [row for row, r in enumerate(ratings) if r is not None]
-    if len(judged) < len(alive):
-        scores = scores[torch.tensor(judged, dtype=torch.long)]
-    alive, seen, remap_top, candidates, ratings = (
-        [x[row] for row in judged] for x in (alive, seen, remap_top, candidates, ratings))
-    for start in range(0, len(alive), cfg.block_size):
-        stop = start + cfg.block_size
-        r = ratings_vector(candidates[start:stop], ratings[start:stop], len(catalog))
-        scores[start:stop] = reflect_scores(scores[start:stop], r, cfg.reflect_gamma)
-    reflect_top = top_n(scores, seen, cfg.n_items)
-    lap("reflect")
+    reflect_top = remap_top
+    if cfg.remap_reflect and cfg.reflect:
+        # Reflect (Eq. 11): the teacher rates the top N_r candidates; a failed judge skips the conversation.
+        candidates = top_n(scores, seen, cfg.n_reflect)
+        ratings = judge_candidates([examples[i].conversation for i in alive], candidates, catalog, teacher, cfg,
+                                   stats, reasons, log)
+        judged = [row for row, r in enumerate(ratings) if r is not None]
+        if len(judged) < len(alive):
+            scores = scores[torch.tensor(judged, dtype=torch.long)]
+        alive, seen, remap_top, candidates, ratings = (
+            [x[row] for row in judged] for x in (alive, seen, remap_top, candidates, ratings))
+        for start in range(0, len(alive), cfg.block_size):
+            stop = start + cfg.block_size
+            r = ratings_vector(candidates[start:stop], ratings[start:stop], len(catalog))
+            scores[start:stop] = reflect_scores(scores[start:stop], r, cfg.reflect_gamma)
+        reflect_top = top_n(scores, seen, cfg.n_items)
+        lap("reflect")
 
-    # Adjust (Eq. 12-13): w, b fitted on the ground truths of the fit conversations only.
-    gt = groundtruth_matrix([examples[i] for i in alive], catalog, cfg.identity_year_tolerance, stats)
-    gt[torch.tensor([fit_adjust_on is not None and not fit_adjust_on[i] for i in alive], dtype=torch.bool)] = -1
-    w, b, info = fit_adjust(scores, gt, lambda_w=cfg.adjust_lambda_w, lambda_b=cfg.adjust_lambda_b,
-                            steps=cfg.adjust_steps, lr=cfg.adjust_lr, batch_size=cfg.adjust_batch_size,
-                            seed=cfg.seed)
-    stats.update({f"adjust_{k}": v for k, v in info.items()})
-    for start in range(0, len(alive), cfg.block_size):
-        scores[start:start + cfg.block_size] = adjust_scores(scores[start:start + cfg.block_size], w, b)
-    final_top = top_n(scores, seen, cfg.n_items)
-    lap("adjust")
+    final_top = reflect_top
+    w, b = torch.ones(len(catalog)), torch.zeros(len(catalog))
+    if cfg.adjust:
+        # Adjust (Eq. 12-13): w, b fitted on the ground truths of the fit conversations only.
+        gt = groundtruth_matrix([examples[i] for i in alive], catalog, cfg.identity_year_tolerance, stats)
+        gt[torch.tensor([fit_adjust_on is not None and not fit_adjust_on[i] for i in alive], dtype=torch.bool)] = -1
+        w, b, info = fit_adjust(scores, gt, lambda_w=cfg.adjust_lambda_w, lambda_b=cfg.adjust_lambda_b,
+                                steps=cfg.adjust_steps, lr=cfg.adjust_lr, batch_size=cfg.adjust_batch_size,
+                                seed=cfg.seed)
+        stats.update({f"adjust_{k}": v for k, v in info.items()})
+        for start in range(0, len(alive), cfg.block_size):
+            scores[start:start + cfg.block_size] = adjust_scores(scores[start:start + cfg.block_size], w, b)
+        final_top = top_n(scores, seen, cfg.n_items)
+        lap("adjust")
 
     def per_example(rows: list[list[int]]) -> list[list[int] | None]:
         out: list = [None] * len(examples)
@@ -789,5 +872,6 @@ def run_rra(examples: Sequence[Example], catalog: Catalog, teacher: Teacher, emb
         final_top=final,
         w=w,
         b=b,
-        stats={**dict(stats), "failure_reasons": dict(reasons), "seconds": seconds},
+        stats={**dict(stats), "failure_reasons": dict(reasons), "seconds": seconds, "stages": cfg.stages()},
+        teacher_replies=replies,
     )
