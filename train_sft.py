@@ -1,0 +1,214 @@
+"""Stage 1, behaviour cloning (Eq. 2): completion-only NLL on Remap-Reflect-Adjust demonstrations.
+
+    python train_sft.py                                   # the sandbox defaults
+    python train_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --preset paper --bf16 \\
+        --train-data demos/train.jsonl --val-data demos/validation.jsonl --catalog catalog.jsonl --out runs/sft
+    python train_sft.py --out runs/sft --resume           # continue exactly where a run stopped
+
+Writes RUN/config.json, RUN/log.jsonl, RUN/checkpoints/step-*/ (HF weights + optimizer,
+scheduler, RNG and step), and RUN/final/ (HF format, what the next stage loads).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from rankgrpo.catalog import CatalogError, load_catalog
+from rankgrpo.checkpoint import (latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, save_final,
+                                 seed_everything, set_rng_state, truncate_log)
+from rankgrpo.config import arg, parse_config, save_config
+from rankgrpo.data import DataError, load_examples
+from rankgrpo.io import append_jsonl
+from rankgrpo.losses import sft_loss
+from rankgrpo.models import load_model, load_tokenizer
+from rankgrpo.training import (NonFiniteGuard, check_paths, check_tokenizer_matches, collate_right_padded,
+                               cosine_with_warmup, tokenize_sft, validate_generation)
+
+PRESETS = {
+    # the paper (App. C(iii)) for hub models: lr 5e-5, cosine, 5% warm-up, effective batch 384
+    "paper": dict(lr=5e-5, micro_batch_size=12, grad_accum=32, epochs=6),
+    # the sandbox's tiny randomly initialised model learns from scratch: larger lr, small batches
+    "sandbox": dict(lr=2e-3, micro_batch_size=16, grad_accum=1, epochs=3),
+}
+
+
+@dataclass
+class TrainSFTConfig:
+    """Behaviour cloning on demonstrations (completion-only NLL, Eq. 2)."""
+
+    model: str = arg("sandbox_world/base_model", "Base model: a local directory or a hub name.")
+    train_data: str = arg("runs/demos/train.jsonl", "SFT demonstrations (examples with 'completion').")
+    val_data: str = arg("runs/demos/validation.jsonl", "Validation demonstrations (loss and greedy metrics).")
+    catalog: str = arg("sandbox_world/catalog.jsonl", "Catalog for the validation metrics.")
+    out: str = arg("runs/sft", "Run directory.")
+    preset: str = arg("sandbox", "Defaults for lr / batch / epochs: 'paper' (hub models) or 'sandbox'.",
+                      choices=["paper", "sandbox"])
+    lr: float = arg(0.0, "Peak learning rate (0: from the preset; paper 5e-5).")
+    warmup_ratio: float = arg(0.05, "Linear warm-up share of the steps, then cosine decay to 0 (paper 5%).")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    micro_batch_size: int = arg(0, "Sequences per forward pass (0: from the preset).")
+    grad_accum: int = arg(0, "Micro-batches per optimiser step (0: from the preset).")
+    epochs: int = arg(0, "Passes over the training demonstrations (0: from the preset).")
+    max_steps: int = arg(0, "Stop after this many optimiser steps (0: epochs decide).")
+    max_length: int = arg(1024, "Right-truncate prompt + completion to this many tokens.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
+    bf16: bool = arg(False, "bfloat16 autocast (GPU).")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to save memory.")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "Device.")
+    seed: int = arg(3407, "Seed of every RNG (the paper's).")
+    log_every: int = arg(10, "Log the training loss every this many steps.")
+    eval_every: int = arg(100, "Validation loss and greedy metrics every this many steps (and at the end).")
+    val_gen_examples: int = arg(64, "Validation examples for the greedy Recall/NDCG@20 check.")
+    max_new_tokens: int = arg(200, "Greedy generation budget for validation.")
+    n_items: int = arg(20, "List length N.")
+    save_every: int = arg(100, "Checkpoint every this many steps.")
+    keep_checkpoints: int = arg(2, "Checkpoints kept on disk.")
+    resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
+    max_nonfinite: int = arg(5, "Abort after this many non-finite losses in a row.")
+
+    def validate(self) -> None:
+        for k, v in PRESETS[self.preset].items():
+            if not getattr(self, k):
+                setattr(self, k, v)
+
+
+def batches_for_step(step: int, n: int, batch: int, seed: int) -> list[int]:
+    """Indices of the examples used at optimiser step ``step``: a fresh permutation per epoch,
+    drawn from (seed, epoch) alone, so the data position is a function of the step (exact resume)."""
+    per_epoch = n // batch
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[i * batch:(i + 1) * batch].tolist()
+
+
+@torch.no_grad()
+def validation_loss(model, samples, pad_id, device, batch_size, autocast) -> float:
+    model.eval()
+    total = count = 0.0
+    for i in range(0, len(samples), batch_size):
+        ids, attn, labels = (t.to(device) for t in collate_right_padded(samples[i:i + batch_size], pad_id))
+        with autocast():
+            logits = model(input_ids=ids, attention_mask=attn).logits
+        loss, m = sft_loss(logits, labels, ids)
+        total += loss.item() * m["n_tokens"]
+        count += m["n_tokens"]
+    model.train()
+    return total / max(count, 1)
+
+
+def main(argv=None) -> int:
+    try:
+        return run(parse_config(TrainSFTConfig, argv))
+    except (DataError, CatalogError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(cfg) -> int:
+    check_paths(train_data=cfg.train_data, val_data=cfg.val_data, catalog=cfg.catalog)
+    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        print(f"--resume: no checkpoint in {cfg.out}; starting from {cfg.model}", file=sys.stderr)
+    source = str(resume_from) if resume_from else cfg.model
+    generator = seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, device=cfg.device)
+    check_tokenizer_matches(model, tokenizer, source)
+    catalog = load_catalog(cfg.catalog)
+    train = load_examples(cfg.train_data)
+    val = load_examples(cfg.val_data)
+    missing = [e.id for e in train if e.completion is None]
+    if missing:
+        raise SystemExit(f"error: {cfg.train_data}: {len(missing)} example(s) without 'completion', e.g. {missing[0]}")
+    train_samples = [tokenize_sft(tokenizer, e, cfg.max_length) for e in train]
+    val_samples = [tokenize_sft(tokenizer, e, cfg.max_length) for e in val if e.completion is not None]
+    save_config(cfg, cfg.out)
+
+    window = cfg.micro_batch_size * cfg.grad_accum
+    if len(train_samples) < window:
+        raise SystemExit(f"error: {len(train_samples)} demonstrations, fewer than one batch of {window}")
+    total_steps = cfg.max_steps or cfg.epochs * (len(train_samples) // window)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, total_steps, cfg.warmup_ratio))
+    step = 0
+    log_path = f"{cfg.out}/log.jsonl"
+    if resume_from:
+        state = load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], generator)
+        step = state["step"]
+        truncate_log(log_path, step)
+        print(f"resumed from {resume_from} at step {step}")
+    autocast = (lambda: torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)) \
+        if cfg.bf16 else contextlib.nullcontext
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    pad_id = tokenizer.pad_token_id
+
+    def checkpoint():
+        save_checkpoint(cfg.out, step, model, tokenizer, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_state(generator)}, keep_last=cfg.keep_checkpoints)
+
+    def evaluate_now():
+        row = {"step": step, "val_loss": validation_loss(model, val_samples, pad_id, cfg.device,
+                                                         cfg.micro_batch_size, autocast)}
+        if cfg.val_gen_examples > 0:
+            row.update(validate_generation(model, tokenizer, val[:cfg.val_gen_examples], catalog,
+                                           max_new_tokens=cfg.max_new_tokens, n_items=cfg.n_items))
+        append_jsonl(log_path, row)
+        tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    bar = tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True)
+    while step < total_steps:
+        t0 = time.perf_counter()
+        idx = batches_for_step(step, len(train_samples), window, cfg.seed)
+        micro = [[train_samples[i] for i in idx[j:j + cfg.micro_batch_size]]
+                 for j in range(0, window, cfg.micro_batch_size)]
+        window_tokens = sum(sum(s.labels_mask[1:]) for m in micro for s in m)
+        optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.zeros(())
+        for mb in micro:
+            ids, attn, labels = (t.to(cfg.device) for t in collate_right_padded(mb, pad_id))
+            with autocast():
+                logits = model(input_ids=ids, attention_mask=attn).logits
+            # a token mean over the whole accumulation window, not a mean of micro-batch means
+            loss, _ = sft_loss(logits, labels, ids, denom=window_tokens)
+            loss.backward()
+            total_loss += loss.detach().float().cpu()
+        if guard.ok(total_loss, step):
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            grad_norm = torch.tensor(float("nan"))
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total_loss.item():.3f}")
+        if step % cfg.log_every == 0 or step == total_steps:
+            append_jsonl(log_path, {"step": step, "loss": total_loss.item(), "lr": scheduler.get_last_lr()[0],
+                                    "grad_norm": float(grad_norm), "tokens": window_tokens,
+                                    "seconds": time.perf_counter() - t0})
+        if step % cfg.eval_every == 0 and step < total_steps:
+            evaluate_now()
+        if step % cfg.save_every == 0 or step == total_steps:
+            checkpoint()
+    bar.close()
+    evaluate_now()
+    save_final(cfg.out, model, tokenizer)
+    print(f"final weights: {cfg.out}/final")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
