@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test clean
+.PHONY: venv test demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+demo: venv
+	PY=$(PY) bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

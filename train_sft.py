@@ -147,8 +147,8 @@ def run(cfg) -> int:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generator)
         step = state["step"]
-        truncate_log(log_path, step)
         print(f"resumed from {resume_from} at step {step}")
+    truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
     autocast = (lambda: torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)) \
         if cfg.bf16 else contextlib.nullcontext
     guard = NonFiniteGuard(cfg.max_nonfinite)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from rankgrpo.catalog import Catalog
 from rankgrpo.data import Example, chat_prompt_ids
@@ -152,8 +153,10 @@ def check_tokenizer_matches(model, tokenizer, where: str) -> None:
 
 @torch.no_grad()
 def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int,
-                       batch_size: int = 32, n_items: int | None = None) -> list[str]:
-    """Greedy lists, generated once per unique prompt and shared by examples with that prompt."""
+                       batch_size: int = 32, n_items: int | None = None, progress: bool = False) -> list[str]:
+    """Greedy lists, generated once per unique prompt and shared by examples with that prompt.
+
+    A row stops at its eos, after ``n_items`` complete lines, or at ``max_new_tokens``."""
     was_training = model.training
     model.eval()
     eos = eos_token_ids(model, tokenizer)
@@ -162,7 +165,7 @@ def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new
         unique.setdefault(ex.prompt_text, chat_prompt_ids(tokenizer, ex))
     keys = list(unique)
     texts: dict[str, str] = {}
-    for i in range(0, len(keys), batch_size):
+    for i in tqdm(range(0, len(keys), batch_size), desc="generate", disable=not progress, dynamic_ncols=True):
         chunk = keys[i:i + batch_size]
         ro = sample(model, [unique[k] for k in chunk], group_size=1, max_new_tokens=max_new_tokens, greedy=True,
                     eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
