@@ -40,8 +40,9 @@ from rankgrpo.parsing import parse_recommendations
 from rankgrpo.rewards import causal_returns, rank_relevance, sequence_dcg
 from rankgrpo.sampling import sample, token_logprobs
 from rankgrpo.segment import decode_completion, token_ranks
-from rankgrpo.training import (NonFiniteGuard, check_paths, check_tokenizer_matches, eos_token_ids,
-                               parse_lr_schedule, step_schedule, validate_generation)
+from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, check_tokenizer_matches,
+                               eos_token_ids, indices_for_step, parse_lr_schedule, step_schedule,
+                               validate_generation)
 
 PRESETS = {
     # the paper (App. C, §7): 48 prompts x G = 8 = 384 completions per step, lr 1e-6, 1024 new tokens
@@ -53,7 +54,7 @@ LOGGED_RANKS = (1, 2, 5, 10, 15, 20)
 
 
 @dataclass
-class TrainRankGRPOConfig:
+class TrainRankGRPOConfig(TrainerConfig):
     """Rank-GRPO / GRPO / GSPO training from an SFT checkpoint (PAPER.md section 6)."""
 
     model: str = arg("runs/sft/final", "Starting policy (the SFT checkpoint); also the frozen reference.")
@@ -61,8 +62,6 @@ class TrainRankGRPOConfig:
     val_data: str = arg("sandbox_world/validation.jsonl", "Validation examples for the periodic NDCG@20.")
     catalog: str = arg("sandbox_world/catalog.jsonl", "Catalog (relevance needs in-catalog items).")
     out: str = arg("runs/rankgrpo", "Run directory.")
-    preset: str = arg("sandbox", "Defaults for lr / batch / lengths / steps: 'paper' or 'sandbox'.",
-                      choices=["paper", "sandbox"])
     algo: str = arg("rank_grpo", "rank_grpo (rank-level ratio and advantage), grpo (token ratio, list "
                                  "advantage) or gspo (list geometric-mean ratio).",
                     choices=["rank_grpo", "grpo", "gspo"])
@@ -80,7 +79,6 @@ class TrainRankGRPOConfig:
     lr_schedule: list[str] = arg([], "Piecewise-constant lr as STEP:LR entries, e.g. 8000:1e-7 (paper 1B/3B).")
     adam_beta2: float = arg(0.99, "AdamW beta2 (the authors' 0.99).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
-    max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
     eps_low: float = arg(-1.0, "Lower clip epsilon (-1: the algorithm's paper value: 0.06 rank_grpo, 0.2 grpo, "
                                "3e-4 gspo).")
     eps_high: float = arg(-1.0, "Upper clip epsilon (-1: paper value: 0.08 / 0.26 / 4e-4).")
@@ -94,21 +92,12 @@ class TrainRankGRPOConfig:
     stop_after_lines: int = arg(0, "Stop a completion after this many complete lines (0 = only eos/budget); "
                                    "N+2 saves time on runaway lists while still showing overflow.")
     year_tolerance: int = arg(2, "Year tolerance of the relevance match.")
-    bf16: bool = arg(False, "bfloat16 autocast (GPU).")
-    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass.")
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "Device.")
-    seed: int = arg(3407, "Seed of every RNG.")
     eval_every: int = arg(20, "Validation NDCG@20 (greedy) every this many steps (and at the end); 0 = off.")
     val_examples: int = arg(64, "Validation examples for the periodic check.")
     save_every: int = arg(20, "Checkpoint every this many steps.")
-    keep_checkpoints: int = arg(2, "Checkpoints kept on disk.")
-    resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
-    max_nonfinite: int = arg(5, "Abort after this many non-finite losses in a row.")
 
     def validate(self) -> None:
-        for k, v in PRESETS[self.preset].items():
-            if not getattr(self, k):
-                setattr(self, k, v)
+        self.apply_preset(PRESETS)
         paper_eps = {"rank_grpo": (0.06, 0.08), "grpo": (0.2, 0.26), "gspo": (3e-4, 4e-4)}[self.algo]
         if self.eps_low < 0:
             self.eps_low = paper_eps[0]
@@ -122,14 +111,6 @@ class TrainRankGRPOConfig:
 
 
 # ----------------------------------------------------------------------------- stages
-
-
-def prompts_for_step(step: int, n: int, per_step: int, seed: int) -> list[int]:
-    """Example indices of sampling round ``step``: a permutation per epoch from (seed, epoch) alone."""
-    per_epoch = max(1, n // per_step)
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    return perm[i * per_step:(i + 1) * per_step].tolist()
 
 
 def score_rollout(rollout, examples, tokenizer, catalog, cfg) -> dict:
@@ -247,7 +228,7 @@ def run(cfg) -> int:
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.algo, dynamic_ncols=True)
     while step < cfg.steps:
         t_start = time.perf_counter()
-        batch = [examples[i] for i in prompts_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)]
+        batch = [examples[i] for i in indices_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)]
         prompts = [prompt_ids.setdefault(ex.id, chat_prompt_ids(tokenizer, ex)) for ex in batch]
 
         # 1. rollout

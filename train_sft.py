@@ -26,8 +26,9 @@ from rankgrpo.data import DataError, load_examples
 from rankgrpo.io import append_jsonl
 from rankgrpo.losses import sft_loss
 from rankgrpo.models import load_model, load_tokenizer
-from rankgrpo.training import (NonFiniteGuard, check_paths, check_tokenizer_matches, collate_right_padded,
-                               cosine_with_warmup, tokenize_sft, validate_generation)
+from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, check_tokenizer_matches,
+                               collate_right_padded, cosine_with_warmup, indices_for_step, tokenize_sft,
+                               validate_generation)
 
 PRESETS = {
     # the paper (App. C(iii)) for hub models: lr 5e-5, cosine, 5% warm-up, effective batch 384
@@ -38,7 +39,7 @@ PRESETS = {
 
 
 @dataclass
-class TrainSFTConfig:
+class TrainSFTConfig(TrainerConfig):
     """Behaviour cloning on demonstrations (completion-only NLL, Eq. 2)."""
 
     model: str = arg("sandbox_world/base_model", "Base model: a local directory or a hub name.")
@@ -46,8 +47,6 @@ class TrainSFTConfig:
     val_data: str = arg("runs/demos/validation.jsonl", "Validation demonstrations (loss and greedy metrics).")
     catalog: str = arg("sandbox_world/catalog.jsonl", "Catalog for the validation metrics.")
     out: str = arg("runs/sft", "Run directory.")
-    preset: str = arg("sandbox", "Defaults for lr / batch / epochs: 'paper' (hub models) or 'sandbox'.",
-                      choices=["paper", "sandbox"])
     lr: float = arg(0.0, "Peak learning rate (0: from the preset; paper 5e-5).")
     warmup_ratio: float = arg(0.05, "Linear warm-up share of the steps, then cosine decay to 0 (paper 5%).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
@@ -56,34 +55,15 @@ class TrainSFTConfig:
     epochs: int = arg(0, "Passes over the training demonstrations (0: from the preset).")
     max_steps: int = arg(0, "Stop after this many optimiser steps (0: epochs decide).")
     max_length: int = arg(1024, "Right-truncate prompt + completion to this many tokens.")
-    max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
-    bf16: bool = arg(False, "bfloat16 autocast (GPU).")
-    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to save memory.")
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "Device.")
-    seed: int = arg(3407, "Seed of every RNG (the paper's).")
     log_every: int = arg(10, "Log the training loss every this many steps.")
     eval_every: int = arg(100, "Validation loss and greedy metrics every this many steps (and at the end).")
     val_gen_examples: int = arg(64, "Validation examples for the greedy Recall/NDCG@20 check.")
     max_new_tokens: int = arg(200, "Greedy generation budget for validation.")
     n_items: int = arg(20, "List length N.")
     save_every: int = arg(100, "Checkpoint every this many steps.")
-    keep_checkpoints: int = arg(2, "Checkpoints kept on disk.")
-    resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
-    max_nonfinite: int = arg(5, "Abort after this many non-finite losses in a row.")
 
     def validate(self) -> None:
-        for k, v in PRESETS[self.preset].items():
-            if not getattr(self, k):
-                setattr(self, k, v)
-
-
-def batches_for_step(step: int, n: int, batch: int, seed: int) -> list[int]:
-    """Indices of the examples used at optimiser step ``step``: a fresh permutation per epoch,
-    drawn from (seed, epoch) alone, so the data position is a function of the step (exact resume)."""
-    per_epoch = n // batch
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    return perm[i * batch:(i + 1) * batch].tolist()
+        self.apply_preset(PRESETS)
 
 
 @torch.no_grad()
@@ -171,7 +151,7 @@ def run(cfg) -> int:
     bar = tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True)
     while step < total_steps:
         t0 = time.perf_counter()
-        idx = batches_for_step(step, len(train_samples), window, cfg.seed)
+        idx = indices_for_step(step, len(train_samples), window, cfg.seed)
         micro = [[train_samples[i] for i in idx[j:j + cfg.micro_batch_size]]
                  for j in range(0, window, cfg.micro_batch_size)]
         window_tokens = sum(sum(s.labels_mask[1:]) for m in micro for s in m)

@@ -54,7 +54,7 @@ def _parser_for(cls: type, description: str | None = None) -> argparse.ArgumentP
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         tp, is_seq, optional = _base_type(hints[f.name])
         if tp is bool and not is_seq:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -12,10 +12,53 @@ import torch
 from tqdm import tqdm
 
 from rankgrpo.catalog import Catalog
+from rankgrpo.config import arg
 from rankgrpo.data import Example, chat_prompt_ids
 from rankgrpo.evaluation import score_examples
 from rankgrpo.sampling import sample
 from rankgrpo.segment import decode_completion
+
+
+# ----------------------------------------------------------------------------- config and data order
+
+
+@dataclass
+class TrainerConfig:
+    """Fields both trainers share (each script's config inherits them)."""
+
+    preset: str = arg("sandbox", "Defaults of the fields left at 0: 'paper' (hub models) or 'sandbox' (the tiny "
+                                 "sandbox model).", choices=["paper", "sandbox"])
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
+    bf16: bool = arg(False, "bfloat16 autocast (GPU).")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to save memory.")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "Device.")
+    seed: int = arg(3407, "Seed of every RNG (the paper's).")
+    keep_checkpoints: int = arg(2, "Checkpoints kept on disk.")
+    resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
+    max_nonfinite: int = arg(5, "Abort after this many non-finite losses in a row.")
+
+    def apply_preset(self, presets: dict[str, dict]) -> None:
+        """Fill every field still at 0 from ``presets[self.preset]`` (the resolved values are what
+        ``save_config`` writes)."""
+        names = {f.name for f in fields(self)}
+        for name, value in presets[self.preset].items():
+            if name not in names:
+                raise KeyError(f"preset {self.preset!r} sets unknown field {name!r}")
+            if not getattr(self, name):
+                setattr(self, name, value)
+
+
+def indices_for_step(step: int, n: int, per_step: int, seed: int) -> list[int]:
+    """Example indices used at step ``step``: a fresh permutation per epoch drawn from (seed, epoch)
+    alone, so the data position is a function of the step and a resumed run sees the same data.
+
+    >>> sorted(indices_for_step(0, 6, 3, seed=1) + indices_for_step(1, 6, 3, seed=1))   # one epoch
+    [0, 1, 2, 3, 4, 5]
+    """
+    per_epoch = max(1, n // per_step)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[i * per_step:(i + 1) * per_step].tolist()
 
 
 # ----------------------------------------------------------------------------- SFT tokenisation
