@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rankgrpo.io import atomic_write_text, read_jsonl_tolerant, atomic_write_jsonl
+from rankgrpo.io import atomic_write_jsonl, atomic_write_text, read_jsonl_tolerant
 
 STATE_FILE = "trainer_state.pt"
 COMPLETE = "COMPLETE"
@@ -67,23 +67,12 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any],
-                    keep_last: int = 2) -> Path:
-    """Write ``checkpoints/step-{step:06d}`` atomically and point ``latest`` at it.
-
-    state: a picklable dict (optimizer/scheduler state dicts, RNG states, data position, ...).
-    """
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+def _write_dir_atomically(final: Path, write) -> Path:
+    """Call ``write(tmp_dir)``, fsync its files, then rename the directory to ``final`` in one step."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, **state}, tmp / STATE_FILE)
-        (tmp / COMPLETE).write_text(name)
+        write(tmp)
         for f in tmp.iterdir():  # make sure everything is on disk before the rename
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -93,6 +82,26 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any],
+                    keep_last: int = 2) -> Path:
+    """Write ``checkpoints/step-{step:06d}`` atomically and point ``latest`` at it.
+
+    state: a picklable dict (optimizer/scheduler state dicts, RNG states, data position, ...).
+    """
+    root = checkpoint_dir(run_dir)
+    name = f"step-{step:06d}"
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, **state}, tmp / STATE_FILE)
+        (tmp / COMPLETE).write_text(name)
+
+    final = _write_dir_atomically(root / name, write)
     atomic_write_text(root / "latest", name)
     _prune(root, keep_last)
     return final
@@ -137,15 +146,8 @@ def truncate_log(log_path: str | Path, step: int) -> None:
 
 def save_final(run_dir: str | Path, model, tokenizer) -> Path:
     """Write the final weights to ``RUN/final`` (atomic directory swap)."""
-    final = Path(run_dir) / "final"
-    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=run_dir))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return _write_dir_atomically(Path(run_dir) / "final", write)
