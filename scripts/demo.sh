@@ -26,8 +26,8 @@ $PY train_sft.py --model "$RUN/world/base_model" --train-data "$RUN/demos/train.
 stamp "4/6 train_rankgrpo.py"
 $PY train_rankgrpo.py --model "$RUN/sft/final" --data "$RUN/world/train.jsonl" \
     --val-data "$RUN/world/validation.jsonl" --catalog "$RUN/world/catalog.jsonl" --out "$RUN/rankgrpo" \
-    --steps ${RL_STEPS:-40} --lr ${RL_LR:-3e-5} --max-new-tokens 220 --stop-after-lines 21 \
-    --eval-every 10 --val-examples 100 --save-every 10 --resume
+    --steps ${RL_STEPS:-30} --lr ${RL_LR:-3e-5} --max-new-tokens 220 --stop-after-lines 21 \
+    --eval-every 15 --val-examples 100 --save-every 10 --resume
 
 stamp "5/6 evaluate.py on the test split"
 for pair in "base (zero-shot):$RUN/world/base_model:base" "SFT:$RUN/sft/final:sft" "Rank-GRPO:$RUN/rankgrpo/final:rankgrpo"; do
