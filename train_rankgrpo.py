@@ -26,23 +26,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rankgrpo.catalog import CatalogError, load_catalog
-from rankgrpo.checkpoint import (latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, save_final,
-                                 seed_everything, set_rng_state, truncate_log)
-from rankgrpo.config import arg, parse_config, save_config
-from rankgrpo.data import DataError, chat_prompt_ids, load_examples
+from rankgrpo.catalog import load_catalog
+from rankgrpo.checkpoint import (load_trainer_state, rng_state, save_checkpoint, save_final, set_rng_state,
+                                 truncate_log)
+from rankgrpo.config import arg, save_config
+from rankgrpo.data import chat_prompt_ids, load_examples
 from rankgrpo.io import append_jsonl
 from rankgrpo.losses import (eos_positions, grpo_loss, group_advantages, gspo_loss, loss_denominator,
                              rank_grpo_loss)
 from rankgrpo.metrics import in_catalog_ratio
-from rankgrpo.models import load_model, load_tokenizer
+from rankgrpo.models import load_model
 from rankgrpo.parsing import parse_recommendations
 from rankgrpo.rewards import causal_returns, rank_relevance, sequence_dcg
 from rankgrpo.sampling import sample, token_logprobs
 from rankgrpo.segment import decode_completion, token_ranks
-from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, check_tokenizer_matches,
-                               eos_token_ids, indices_for_step, parse_lr_schedule, step_schedule,
-                               validate_generation)
+from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, eos_token_ids, indices_for_step,
+                               parse_lr_schedule, run_script, start_from, step_schedule, validate_generation)
 
 PRESETS = {
     # the paper (App. C, §7): 48 prompts x G = 8 = 384 completions per step, lr 1e-6, 1024 new tokens
@@ -168,22 +167,12 @@ def _mean_metrics(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(parse_config(TrainRankGRPOConfig, argv))
-    except (DataError, CatalogError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_script(TrainRankGRPOConfig, run, argv)
 
 
 def run(cfg) -> int:
     check_paths(data=cfg.data, val_data=cfg.val_data, catalog=cfg.catalog)
-    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        print(f"--resume: no checkpoint in {cfg.out}; starting from {cfg.model}", file=sys.stderr)
-    generator = seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(str(resume_from or cfg.model))
-    model = load_model(str(resume_from or cfg.model), device=cfg.device)
-    check_tokenizer_matches(model, tokenizer, str(resume_from or cfg.model))
+    resume_from, generator, tokenizer, model = start_from(cfg)
     reference = None
     if cfg.beta != 0:  # frozen copy of the *starting* checkpoint, also after a resume
         reference = load_model(cfg.model, device=cfg.device) if resume_from else copy.deepcopy(model)

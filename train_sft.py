@@ -18,16 +18,15 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from rankgrpo.catalog import CatalogError, load_catalog
-from rankgrpo.checkpoint import (latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, save_final,
-                                 seed_everything, set_rng_state, truncate_log)
-from rankgrpo.config import arg, parse_config, save_config
-from rankgrpo.data import DataError, load_examples
+from rankgrpo.catalog import load_catalog
+from rankgrpo.checkpoint import (load_trainer_state, rng_state, save_checkpoint, save_final, set_rng_state,
+                                 truncate_log)
+from rankgrpo.config import arg, save_config
+from rankgrpo.data import load_examples
 from rankgrpo.io import append_jsonl
 from rankgrpo.losses import sft_loss
-from rankgrpo.models import load_model, load_tokenizer
-from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, check_tokenizer_matches,
-                               collate_right_padded, cosine_with_warmup, indices_for_step, tokenize_sft,
+from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, collate_right_padded,
+                               cosine_with_warmup, indices_for_step, run_script, start_from, tokenize_sft,
                                validate_generation)
 
 PRESETS = {
@@ -82,23 +81,12 @@ def validation_loss(model, samples, pad_id, device, batch_size, autocast) -> flo
 
 
 def main(argv=None) -> int:
-    try:
-        return run(parse_config(TrainSFTConfig, argv))
-    except (DataError, CatalogError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_script(TrainSFTConfig, run, argv)
 
 
 def run(cfg) -> int:
     check_paths(train_data=cfg.train_data, val_data=cfg.val_data, catalog=cfg.catalog)
-    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        print(f"--resume: no checkpoint in {cfg.out}; starting from {cfg.model}", file=sys.stderr)
-    source = str(resume_from) if resume_from else cfg.model
-    generator = seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(source)
-    model = load_model(source, device=cfg.device)
-    check_tokenizer_matches(model, tokenizer, source)
+    resume_from, generator, tokenizer, model = start_from(cfg)
     catalog = load_catalog(cfg.catalog)
     train = load_examples(cfg.train_data)
     val = load_examples(cfg.val_data)

@@ -3,6 +3,7 @@ the non-finite-loss guard, and the checks that run before any work starts."""
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -189,6 +190,39 @@ def check_tokenizer_matches(model, tokenizer, where: str) -> None:
     if len(tokenizer) > n_emb:
         raise SystemExit(f"error: {where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
                          f"{n_emb} rows; the checkpoint was trained with a different tokenizer")
+
+
+# ----------------------------------------------------------------------------- run start
+
+
+def run_script(config_cls, run, argv=None) -> int:
+    """Parse the script's config and run it; bad data or catalog files end with one clear line, exit 2."""
+    from rankgrpo.catalog import CatalogError
+    from rankgrpo.config import parse_config
+    from rankgrpo.data import DataError
+
+    try:
+        return run(parse_config(config_cls, argv))
+    except (DataError, CatalogError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def start_from(cfg):
+    """Seed everything and load the policy to train: the newest checkpoint of ``cfg.out`` with
+    ``--resume``, else ``cfg.model``. Returns (resume_from or None, sampler generator, tokenizer, model)."""
+    from rankgrpo.checkpoint import latest_checkpoint, seed_everything
+    from rankgrpo.models import load_model, load_tokenizer
+
+    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        print(f"--resume: no checkpoint in {cfg.out}; starting from {cfg.model}", file=sys.stderr)
+    source = str(resume_from or cfg.model)
+    generator = seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, device=cfg.device)
+    check_tokenizer_matches(model, tokenizer, source)
+    return resume_from, generator, tokenizer, model
 
 
 # ----------------------------------------------------------------------------- validation

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from rankgrpo.catalog import Catalog, CatalogItem
 from rankgrpo.metrics import (format_valid_ratio, hits, in_catalog_ratio, ndcg_at_k, recall_at_k,
                               score_completion)
-from rankgrpo.parsing import Item, format_recommendations, parse_recommendations
+from rankgrpo.parsing import format_recommendations, parse_recommendations
 from rankgrpo.rewards import causal_returns, rank_relevance, sequence_dcg
 
 CATALOG = Catalog([CatalogItem(t, y) for t, y in [("Heat", 1995), ("Alien", 1979), ("Ran", 1985),
