@@ -37,12 +37,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 from transformers import DynamicCache
+
+from rankgrpo.segment import newline_table
 from transformers.cache_utils import DynamicLayer
 
 
@@ -146,26 +147,16 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-_NEWLINE_COUNTS = weakref.WeakKeyDictionary()  # tokenizer -> counts, see below
-
-
 def newline_counts_from_tokenizer(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
-    """LongTensor [V]: how many "\\n" characters each token id decodes to.
+    """LongTensor [V]: how many "\\n" characters each token id decodes to (special tokens 0).
 
-    A token counts every newline it contains, so a merged token such as ")\\n" closes a line
-    just as "\\n" does. V = max(len(tokenizer), vocab_size); ids beyond the tokenizer
-    (padded embedding rows) count 0. Used by `sample(stop_after_items=...)`. Decoding the
-    whole vocabulary takes a moment, so the result is remembered per tokenizer object.
+    The same table that ``rankgrpo.segment`` uses to assign tokens to ranks (built once per
+    tokenizer and cached there), padded with zeros to V = max(len(tokenizer), vocab_size) for
+    embedding rows beyond the tokenizer. Used by `sample(stop_after_items=...)`.
     """
-    size = max(len(tokenizer), vocab_size or 0)
-    cached = _NEWLINE_COUNTS.get(tokenizer)
-    if cached is not None and len(cached) == size:
-        return cached
-    counts = torch.zeros(size, dtype=torch.long)
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    counts[: len(texts)] = torch.tensor([t.count("\n") for t in texts], dtype=torch.long)
-    _NEWLINE_COUNTS[tokenizer] = counts
-    return counts
+    table = newline_table(tokenizer)
+    size = max(len(table), vocab_size or 0)
+    return torch.nn.functional.pad(table, (0, size - len(table)))
 
 
 def _supports_logits_to_keep(model) -> bool:
