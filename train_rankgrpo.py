@@ -155,6 +155,12 @@ def policy_loss(cfg, logp, old_logp, ref_logp, rank_ids, mask, adv, eos_index, d
               denom=denom)
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock stage timings are honest (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _mean_metrics(rows: list[dict]) -> dict:
     out = {}
     for k in rows[0]:
@@ -226,6 +232,7 @@ def run(cfg) -> int:
                          temperature=cfg.temperature, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
                          tokenizer=tokenizer, generator=generator,
                          stop_after_items=cfg.stop_after_lines or None)
+        _sync(torch.device(cfg.device))
         t_sample = time.perf_counter()
         # 2-4. score, advantages, segmentation
         scored = score_rollout(rollout, batch, tokenizer, catalog, cfg)
@@ -250,6 +257,7 @@ def run(cfg) -> int:
                     ids, attn, start = rollout.model_inputs(rows)
                     ref_logp[j] = token_logprobs(reference, ids.to(dev), attn.to(dev), start,
                                                  cfg.temperature).float()
+        _sync(dev)
         t_ref = time.perf_counter()
 
         # 5. mu optimiser steps on this batch
@@ -260,12 +268,16 @@ def run(cfg) -> int:
             optimizer.zero_grad(set_to_none=True)
             step_metrics, entropies = [], []
             total = torch.zeros((), device=dev)
+            t_forward = 0.0  # policy forward passes, split out of time/update for the speed breakdown
             for j, rows in enumerate(micro):
                 ids, attn, start = rollout.model_inputs(rows)
+                t0 = time.perf_counter()
                 with autocast():
                     logp, ent = token_logprobs(model, ids.to(dev), attn.to(dev), start,
                                                cfg.temperature, return_entropy=True)
                 logp = logp.float()
+                _sync(dev)
+                t_forward += time.perf_counter() - t0
                 if old_logp[j] is None:  # first pass: the behaviour policy is the current one
                     old_logp[j] = logp.detach()
                 a = adv[rows]
@@ -281,6 +293,7 @@ def run(cfg) -> int:
             else:
                 optimizer.zero_grad(set_to_none=True)
                 grad_norm = float("nan")
+            _sync(dev)
             t_end = time.perf_counter()
             rel = scored["rel"]
             zero_std = (rewards.view(-1, cfg.group_size, *rewards.shape[1:]).std(dim=1) == 0).float().mean()
@@ -297,7 +310,8 @@ def run(cfg) -> int:
                    "completion_tokens": rollout.lengths.float().mean().item(),
                    **{k: v for k, v in _mean_metrics(step_metrics).items() if k not in ("loss",)},
                    "time/sample": t_sample - t_start, "time/score": t_score - t_sample, "time/ref": t_ref - t_score,
-                   "time/update": t_end - t_ref, "samples_per_s": rollout.num_rows / (t_end - t_start)}
+                   "time/update": t_end - t_ref, "time/policy_forward": t_forward,
+                   "samples_per_s": rollout.num_rows / (t_end - t_start)}
             append_jsonl(log_path, row)
         step += 1
         bar.update(1)
