@@ -1,0 +1,603 @@
+"""The paper's Tables 1, 2 and 4 and Figures 2-5 in miniature, on the sandbox, side by side.
+
+Every arm is one of the four scripts with explicit flags, so this benchmark exercises exactly
+the code a user runs:
+
+    world ─ build_demos (full RRA) ─ train_sft ─┬─ train_rankgrpo on-policy  (mu 1): GRPO, Rank-GRPO log, Rank-GRPO exp_inf
+            │                                   ├─ train_rankgrpo off-policy (mu 2): GRPO, GSPO, Rank-GRPO log, Rank-GRPO exp_inf
+            │                                   └─ (every checkpoint) ─ evaluate.py on the test split
+            ├─ build_demos --no-reflect        ─ train_sft      (Table 2: "remove reflect")
+            ├─ build_demos --no-remap-reflect  ─ train_sft      (Table 2: "remove remap-reflect")
+            └─ base model ─ train_rankgrpo exp_inf              (Table 2: "remove SFT", R1-zero)
+
+Fairness: every RL arm starts from the same SFT checkpoint (R1-zero from the base model) with the
+same seed, so all arms see the same prompts in the same order and draw the same first rollout;
+all arms run the same number of sampling rounds (hence the same completions); an off-policy arm
+(mu = 2) takes two optimiser steps per round. Every SFT arm has the same steps, lr and seed.
+
+Afterwards it writes, into --results: ``paper_tables.md`` (Table-1/2/4-style rows with standard
+errors, paired differences, a verdict per claim of the paper, the RL step-time breakdown),
+``summary.json`` (every number), and PNGs (per-rank training reward per arm, validation NDCG@20
+against step). Runs are resumable: rerunning skips finished stages and resumes training runs.
+
+    python benchmarks/paper_tables.py                 # full size: about an hour on 2 CPU cores
+    python benchmarks/paper_tables.py --quick         # smoke size: under 10 minutes
+    python benchmarks/paper_tables.py --report-only   # rebuild tables and figures from finished runs
+
+Independent runs go in parallel (--jobs, default 2), each with cpu_count // jobs torch threads:
+on 2 cores two 1-thread runs finish about 1.3x sooner than one 2-thread run after another. So the
+per-arm step timings logged here are measured under that sharing; the speed breakdown of one
+unshared step is benchmarks/bench_rl_speed.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rankgrpo.config import arg, parse_config, save_config  # noqa: E402
+from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant  # noqa: E402
+
+KS = (5, 10, 15, 20)
+PLOT_RANKS = (1, 2, 5, 10, 15, 20)
+
+
+@dataclass
+class PaperTablesConfig:
+    """The paper's tables in miniature on the sandbox (see the module docstring)."""
+
+    out: str = arg("runs/paper_tables", "Working directory (world, demonstrations, checkpoints, evaluations, "
+                                         "logs); rerunning resumes.")
+    results: str = arg("benchmarks/results", "Where paper_tables.md, summary.json and the PNGs are written "
+                                             "(--quick writes into RESULTS/quick).")
+    quick: bool = arg(False, "Smoke size (under 10 minutes on 2 cores): 40 SFT steps, 3 RL rounds, 100 test "
+                             "conversations. Shows that every stage runs, not the paper's findings.")
+    report_only: bool = arg(False, "Only rebuild the tables and figures from finished runs.")
+    jobs: int = arg(2, "Runs at once; each gets max(1, cpu_count // jobs) torch threads.")
+    python: str = arg(sys.executable, "Python interpreter that runs the four scripts.")
+    # the world (the demo's: small enough that a 2.2M-parameter model learns its catalog in minutes)
+    n_films: int = arg(200, "Films in the sandbox catalog.")
+    n_train: int = arg(6000, "Training conversations (SFT demonstrations and RL prompts).")
+    n_validation: int = arg(300, "Validation conversations.")
+    n_test: int = arg(1000, "Test conversations (the tables).")
+    world_seed: int = arg(0, "Seed of the sandbox world.")
+    # SFT (every SFT arm)
+    sft_steps: int = arg(300, "SFT optimiser steps (batch 16).")
+    sft_lr: float = arg(3e-3, "SFT peak learning rate.")
+    sft_eval_every: int = arg(100, "SFT validation (loss and greedy NDCG) every this many steps.")
+    # RL (every RL arm)
+    rl_steps: int = arg(30, "Sampling rounds per RL arm (mu = 2 arms take 2 optimiser steps per round).")
+    rl_lr: float = arg(3e-5, "RL learning rate (constant, as the paper's 0.5B schedule).")
+    prompts_per_step: int = arg(8, "Prompts per round (x G completions).")
+    group_size: int = arg(8, "G, completions per prompt (paper 8).")
+    beta: float = arg(1e-3, "KL coefficient (paper 1e-3; the reference model is present).")
+    max_new_tokens: int = arg(220, "Completion budget (a 20-line sandbox list is about 190 tokens).")
+    stop_after_lines: int = arg(21, "Stop a completion after this many lines (N + 1 still shows overflow).")
+    eval_every: int = arg(10, "Validation NDCG@20 (greedy) every this many rounds.")
+    val_examples: int = arg(200, "Validation conversations for the curves.")
+    seed: int = arg(3407, "Seed of every training run (the paper's).")
+    arms: list[str] = arg([], "Only these RL arms (names as in the tables, e.g. on/rank_grpo_exp_inf); "
+                              "empty: all.")
+
+    def validate(self) -> None:
+        if self.quick:
+            self.n_train, self.n_validation, self.n_test = 1000, 40, 100
+            self.sft_steps, self.sft_eval_every, self.rl_steps, self.eval_every, self.val_examples = 40, 40, 3, 3, 20
+            self.out = self.out.rstrip("/") + "_quick"
+            self.results = str(Path(self.results) / "quick")
+        if self.jobs < 1:
+            raise SystemExit("error: --jobs must be at least 1")
+
+
+# ----------------------------------------------------------------------------- the arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One RL run: algorithm, return, mu, and where it starts."""
+
+    name: str
+    label: str
+    algo: str
+    reward: str
+    mu: int
+    start: str = "sft/full"  # a run directory under OUT (its final/), or "world" for the base model
+
+
+RL_ARMS = (
+    Arm("on/grpo", "+ SFT + Vanilla GRPO", "grpo", "exp_inf", 1),
+    Arm("on/rank_grpo_log", "+ SFT + Rank-GRPO (log)", "rank_grpo", "dcg", 1),
+    Arm("on/rank_grpo_exp_inf", "+ SFT + Rank-GRPO (exp∞)", "rank_grpo", "exp_inf", 1),
+    Arm("off/grpo", "+ SFT + Vanilla GRPO (μ=2)", "grpo", "exp_inf", 2),
+    Arm("off/gspo", "+ SFT + GSPO (μ=2)", "gspo", "exp_inf", 2),
+    Arm("off/rank_grpo_log", "+ SFT + Rank-GRPO (log, μ=2)", "rank_grpo", "dcg", 2),
+    Arm("off/rank_grpo_exp_inf", "+ SFT + Rank-GRPO (exp∞, μ=2)", "rank_grpo", "exp_inf", 2),
+    Arm("r1zero/rank_grpo_exp_inf", "– remove SFT (R1-zero, exp∞)", "rank_grpo", "exp_inf", 1, start="world"),
+)
+# (name, build_demos flags, label)
+SFT_ARMS = (
+    ("full", [], "+ SFT (full RRA)"),
+    ("no_reflect", ["--no-reflect"], "– remove reflect"),
+    ("no_remap_reflect", ["--no-remap-reflect"], "– remove remap-reflect"),
+)
+
+
+@dataclass
+class Task:
+    """One subprocess: done when ``done`` exists; runs after every task in ``deps``."""
+
+    name: str
+    cmd: list[str]
+    done: Path
+    deps: list[str] = field(default_factory=list)
+
+
+def plan(cfg: PaperTablesConfig) -> list[Task]:
+    """Every stage as a task, in priority order (the critical path and the long RL arms first)."""
+    out, py = Path(cfg.out), cfg.python
+    world = out / "world"
+    data = dict(catalog=str(world / "catalog.jsonl"), train=str(world / "train.jsonl"),
+                val=str(world / "validation.jsonl"), test=str(world / "test.jsonl"))
+    tasks = [Task("world", [py, "-m", "rankgrpo.sandbox", "--out", str(world), "--seed", str(cfg.world_seed),
+                            "--n-films", str(cfg.n_films), "--n-train", str(cfg.n_train),
+                            "--n-validation", str(cfg.n_validation), "--n-test", str(cfg.n_test)],
+                  world / "base_model" / "config.json")]
+    for name, flags, _ in SFT_ARMS:
+        demos = out / "demos" / name
+        tasks.append(Task(f"demos/{name}", [py, "build_demos.py", "--world", str(world), "--out", str(demos),
+                                            "--train-fraction", "1.0", "--report-train", "0", *flags],
+                          demos / "train.jsonl", ["world"]))
+    for name, _, _ in SFT_ARMS:
+        demos, run = out / "demos" / name, out / "sft" / name
+        tasks.append(Task(f"sft/{name}", [py, "train_sft.py", "--model", str(world / "base_model"),
+                                          "--train-data", str(demos / "train.jsonl"),
+                                          "--val-data", str(demos / "validation.jsonl"), "--catalog", data["catalog"],
+                                          "--out", str(run), "--max-steps", str(cfg.sft_steps),
+                                          "--lr", str(cfg.sft_lr), "--seed", str(cfg.seed),
+                                          "--eval-every", str(cfg.sft_eval_every),
+                                          "--val-gen-examples", str(min(cfg.val_examples, 100)),
+                                          "--save-every", str(cfg.sft_eval_every), "--resume"],
+                          run / "final" / "config.json", [f"demos/{name}"]))
+    for arm in selected_arms(cfg):
+        run = out / "rl" / arm.name
+        start = world / "base_model" if arm.start == "world" else out / arm.start / "final"
+        tasks.append(Task(f"rl/{arm.name}", [
+            py, "train_rankgrpo.py", "--model", str(start), "--data", data["train"], "--val-data", data["val"],
+            "--catalog", data["catalog"], "--out", str(run), "--algo", arm.algo, "--reward", arm.reward,
+            "--mu", str(arm.mu), "--steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr),
+            "--prompts-per-step", str(cfg.prompts_per_step), "--group-size", str(cfg.group_size),
+            "--beta", str(cfg.beta), "--max-new-tokens", str(cfg.max_new_tokens),
+            "--stop-after-lines", str(cfg.stop_after_lines), "--eval-every", str(cfg.eval_every),
+            "--val-examples", str(cfg.val_examples), "--save-every", str(cfg.eval_every),
+            "--seed", str(cfg.seed), "--resume"],
+            run / "final" / "config.json", ["world" if arm.start == "world" else arm.start]))
+    for name, model, dep in eval_targets(cfg):
+        tasks.append(Task(f"eval/{name}", [py, "evaluate.py", "--model", str(model), "--data", data["test"],
+                                           "--catalog", data["catalog"], "--name", name,
+                                           "--out", str(out / "eval" / name),
+                                           "--max-new-tokens", str(cfg.max_new_tokens)],
+                          out / "eval" / name / "results.json", [dep]))
+    return tasks
+
+
+def selected_arms(cfg: PaperTablesConfig) -> list[Arm]:
+    unknown = set(cfg.arms) - {a.name for a in RL_ARMS}
+    if unknown:
+        raise SystemExit(f"error: unknown arm(s) {sorted(unknown)}; known: {[a.name for a in RL_ARMS]}")
+    return [a for a in RL_ARMS if not cfg.arms or a.name in cfg.arms]
+
+
+def eval_targets(cfg: PaperTablesConfig) -> list[tuple[str, Path, str]]:
+    """(evaluation name, checkpoint, task it needs): RL arms first (they finish last)."""
+    out = Path(cfg.out)
+    targets = [(f"rl/{a.name}", out / "rl" / a.name / "final", f"rl/{a.name}") for a in selected_arms(cfg)]
+    targets += [(f"sft/{n}", out / "sft" / n / "final", f"sft/{n}") for n, _, _ in SFT_ARMS]
+    targets.append(("base", out / "world" / "base_model", "world"))
+    return targets
+
+
+# ----------------------------------------------------------------------------- the scheduler
+
+
+def run_tasks(tasks: list[Task], cfg: PaperTablesConfig) -> dict[str, float]:
+    """Run ``tasks`` respecting ``deps``, at most ``cfg.jobs`` at once, each logging to OUT/logs/.
+    A failure stops the benchmark (finished stages are kept; rerunning resumes). Returns the
+    wall-clock seconds of every task that ran."""
+    out = Path(cfg.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    done = {t.name for t in tasks if t.done.exists()}
+    pending = [t for t in tasks if t.name not in done]
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    seconds: dict[str, float] = {}
+    t_begin = time.time()
+    print(f"{len(tasks)} stages, {len(done)} already finished; {cfg.jobs} at once, {threads} thread(s) each")
+    try:
+        while pending or running:
+            for t in list(pending):
+                if len(running) >= cfg.jobs:
+                    break
+                if all(d in done for d in t.deps):
+                    log = open(out / "logs" / (t.name.replace("/", "_") + ".log"), "a")
+                    log.write(f"$ {' '.join(t.cmd)}\n")
+                    log.flush()
+                    running[t.name] = (subprocess.Popen(t.cmd, cwd=ROOT, env=env, stdout=log,
+                                                        stderr=subprocess.STDOUT), time.time(), log)
+                    pending.remove(t)
+                    print(f"[{time.time() - t_begin:6.0f}s] start {t.name}", flush=True)
+            time.sleep(0.5)
+            for name, (proc, t0, log) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del running[name]
+                if rc != 0:
+                    tail = (out / "logs" / (name.replace("/", "_") + ".log")).read_text()[-3000:]
+                    raise SystemExit(f"error: stage {name} failed (exit {rc}); last lines of its log:\n{tail}")
+                seconds[name] = time.time() - t0
+                done.add(name)
+                print(f"[{time.time() - t_begin:6.0f}s] done  {name} ({seconds[name]:.0f}s)", flush=True)
+    finally:
+        for proc, _, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return seconds
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def load_eval(out: Path, name: str) -> tuple[dict, dict[str, dict]] | None:
+    """(aggregate results, per-example rows by id) of one evaluation, or None if it is missing."""
+    path = out / "eval" / name / "results.json"
+    if not path.exists():
+        return None
+    agg = json.loads(path.read_text())["results"]
+    rows = {r["id"]: r for r in read_jsonl_tolerant(out / "eval" / name / "examples.jsonl")}
+    return agg, rows
+
+
+def paired(a: dict[str, dict], b: dict[str, dict], metric: str) -> dict:
+    """Paired difference a - b of a per-example metric over the shared examples: mean, standard
+    error of the mean difference, and how many examples got better / worse."""
+    ids = sorted(set(a) & set(b))
+    d = np.array([a[i][metric] - b[i][metric] for i in ids], dtype=float)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "stderr": se, "better": int((d > 0).sum()), "worse": int((d < 0).sum()),
+            "n": len(d)}
+
+
+def verdict(diff: dict) -> str:
+    """'holds' if the paired difference is above 2 standard errors, 'reversed' if below -2, else
+    'not resolved' (same sign or not, it is within noise)."""
+    z = diff["mean"] / diff["stderr"] if diff["stderr"] > 0 else 0.0
+    if z > 2:
+        return f"holds (+{diff['mean']:.4f}, {z:.1f} SE)"
+    if z < -2:
+        return f"reversed ({diff['mean']:+.4f}, {z:.1f} SE)"
+    return f"not resolved ({diff['mean']:+.4f}, {z:+.1f} SE)"
+
+
+def grows_with_k(gains: list[float]) -> str:
+    """'holds' if a gain is positive at k = 20, larger there than at k = 5, and never falls as k
+    grows (NDCG gains at k = 5, 10, 15, 20); 'does not hold' otherwise."""
+    rising = all(x <= y for x, y in zip(gains, gains[1:])) and gains[-1] > gains[0]
+    return "holds" if rising and gains[-1] > 0 else "does not hold"
+
+
+def cell(agg: dict, key: str) -> str:
+    v = agg.get(key)
+    return f"{v['mean']:.4f} ±{v['stderr']:.4f}" if v else "–"
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown: R@5-20 and N@5-20 with standard errors, in-catalog and format-valid ratios."""
+    head = ["Method"] + [f"R@{k}" for k in KS] + [f"N@{k}" for k in KS] + ["in-catalog"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, agg in rows:
+        cells = [cell(agg, f"recall@{k}") for k in KS] + [cell(agg, f"ndcg@{k}") for k in KS]
+        cells.append(f"{agg['in_catalog']['mean']:.3f}" if "in_catalog" in agg else "–")
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)
+
+
+def delta_table(pairs: list[tuple[str, dict, dict]]) -> str:
+    """Markdown: paired differences at every k (NDCG), mean ±SE, and better/worse counts at k = 20."""
+    head = ["Comparison"] + [f"ΔN@{k}" for k in KS] + ["ΔR@20", "better / worse (N@20)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, a, b in pairs:
+        ds = [paired(a, b, f"ndcg@{k}") for k in KS]
+        r = paired(a, b, "recall@20")
+        lines.append("| " + " | ".join([label] + [f"{d['mean']:+.4f} ±{d['stderr']:.4f}" for d in ds]
+                                       + [f"{r['mean']:+.4f} ±{r['stderr']:.4f}",
+                                          f"{ds[-1]['better']} / {ds[-1]['worse']}"]) + " |")
+    return "\n".join(lines)
+
+
+def baselines(out: Path, n_items: int = 20) -> list[tuple[str, dict]]:
+    """Popularity, the raw simulated teacher (the GPT-4o stand-in) and the oracle on the test split."""
+    from rankgrpo.sandbox import calibrate, load_world
+
+    res = calibrate(load_world(out / "world"), split="test", n_items=n_items)
+    return [("Popularity (traditional floor)", res["popularity"]),
+            ("Simulated teacher, raw (GPT-4o stand-in)", res["teacher (raw)"]),
+            ("Oracle (latent relevance, ceiling)", res["oracle"])]
+
+
+def rl_log(out: Path, arm: str) -> tuple[list[dict], list[dict]]:
+    """(training rows of the first pass of each round, validation rows) of one RL arm."""
+    rows = read_jsonl_tolerant(out / "rl" / arm / "log.jsonl") if (out / "rl" / arm / "log.jsonl").exists() else []
+    return ([r for r in rows if "loss" in r and r.get("iteration", 0) == 0],
+            [r for r in rows if "val_ndcg@20" in r])
+
+
+def step_breakdown(out: Path, arm: str) -> dict:
+    """Mean seconds per stage of an RL round (the first round skipped as warm-up). A round of an
+    off-policy arm has mu log rows: time/update there is cumulative over the round, and the policy
+    forward time of each optimiser step is summed."""
+    path = out / "rl" / arm / "log.jsonl"
+    rounds: dict[int, list[dict]] = {}
+    for r in read_jsonl_tolerant(path) if path.exists() else []:
+        if "loss" in r:
+            rounds.setdefault(r["step"], []).append(r)
+    per_round = []
+    for step in sorted(rounds)[1:]:
+        rows, last = rounds[step], rounds[step][-1]
+        forward = sum(r.get("time/policy_forward", float("nan")) for r in rows)
+        per_round.append({"sample": last["time/sample"], "score": last["time/score"], "ref": last["time/ref"],
+                          "policy_forward": forward, "backward_optimizer": last["time/update"] - forward,
+                          "total": last["time/sample"] + last["time/score"] + last["time/ref"] + last["time/update"],
+                          "completion_tokens": last["completion_tokens"],
+                          "samples_per_s": last["samples_per_s"]})  # the round's completions / its seconds
+    if not per_round:
+        return {}
+    out_row = {k: float(np.mean([r[k] for r in per_round])) for k in per_round[0]}
+    out_row["rounds"] = len(per_round)
+    return out_row
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def smooth(y: list[float], w: int) -> np.ndarray:
+    """Trailing moving average over ``w`` rounds (the paper's curves are smoothed too)."""
+    y = np.asarray(y, dtype=float)
+    if w <= 1 or len(y) == 0:
+        return y
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    n = np.minimum(np.arange(1, len(y) + 1), w)
+    return (c[np.arange(1, len(y) + 1)] - c[np.arange(1, len(y) + 1) - n]) / n
+
+
+def plot_rewards(out: Path, arms: list[Arm], path: Path, window: int) -> Path:
+    """One panel per arm: training reward rel_k at ranks 1, 2, 5, 10, 15, 20 against round."""
+    from rankgrpo.plots import _pyplot
+
+    plt = _pyplot()
+    cols = 4
+    nrows = math.ceil(len(arms) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False, sharey=True)
+    for ax, arm in zip(axes.flat, arms):
+        train, _ = rl_log(out, arm.name)
+        for k in PLOT_RANKS:
+            if train and f"reward/rank_{k}" in train[0]:
+                ax.plot([r["step"] for r in train], smooth([r[f"reward/rank_{k}"] for r in train], window),
+                        label=f"rank {k}")
+        ax.set_title(arm.name, fontsize=9)
+        ax.set_xlabel("round")
+    for ax in axes.flat[len(arms):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel(f"hit rate rel_k (moving avg {window})")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Per-rank training reward (rollouts at temperature 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_validation(out: Path, arms: list[Arm], path: Path) -> Path:
+    """Validation NDCG@20 (greedy) against round, on-policy and off-policy panels."""
+    from rankgrpo.plots import _pyplot
+
+    plt = _pyplot()
+    groups = [("on-policy (μ = 1) and R1-zero", [a for a in arms if a.mu == 1]),
+              ("off-policy (μ = 2)", [a for a in arms if a.mu == 2])]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, (title, group) in zip(axes, groups):
+        for arm in group:
+            _, val = rl_log(out, arm.name)
+            ax.plot([r["step"] for r in val], [r["val_ndcg@20"] for r in val], marker="o", ms=3, label=arm.name)
+        ax.set_title(title)
+        ax.set_xlabel("round (sampled batch)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("validation NDCG@20 (greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_catalog(out: Path, arms: list[Arm], path: Path) -> Path:
+    """Validation in-catalog ratio against round (the paper's Fig. 6 catalog drift)."""
+    from rankgrpo.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for arm in arms:
+        if arm.start == "world":
+            continue
+        _, val = rl_log(out, arm.name)
+        ax.plot([r["step"] for r in val], [r["val_in_catalog"] for r in val], marker="o", ms=3, label=arm.name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation in-catalog ratio")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_report(cfg: PaperTablesConfig, seconds: dict[str, float]) -> str:
+    out, res_dir = Path(cfg.out), Path(cfg.results)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    arms = selected_arms(cfg)
+    ev = {name: load_eval(out, name) for name, _, _ in eval_targets(cfg)}
+    missing = [n for n, v in ev.items() if v is None]
+    if missing:
+        raise SystemExit(f"error: evaluations missing: {missing} (run without --report-only first)")
+    agg = {n: v[0] for n, v in ev.items()}
+    per = {n: v[1] for n, v in ev.items()}
+    label = {f"rl/{a.name}": a.label for a in arms} | {f"sft/{n}": lab for n, _, lab in SFT_ARMS}
+    label["base"] = "Sandbox base model (zero-shot)"
+    sft = "sft/full"
+
+    def rows(names):
+        return [(label[n], agg[n]) for n in names if n in agg]
+
+    md = [f"# Paper tables in miniature ({'quick' if cfg.quick else 'full'} run)", "",
+          "Generated by `benchmarks/paper_tables.py`; every number is on the sandbox test split "
+          f"({agg[sft]['n_examples']} conversations, greedy lists, the evaluation's shift view), mean ±standard "
+          "error over conversations.", ""]
+    md += ["## Table 1 analogue: on-policy RL (μ = 1)", "",
+           table(baselines(out) + rows(["base", sft, "rl/on/grpo", "rl/on/rank_grpo_log", "rl/on/rank_grpo_exp_inf"])),
+           ""]
+    md += ["## Table 4 analogue: off-policy RL (μ = 2)", "",
+           table(rows([sft, "rl/off/grpo", "rl/off/gspo", "rl/off/rank_grpo_log", "rl/off/rank_grpo_exp_inf"])), ""]
+    md += ["## Table 2 analogue: ablations", "",
+           table(rows([sft, "sft/no_remap_reflect", "sft/no_reflect", "rl/on/rank_grpo_exp_inf",
+                       "rl/r1zero/rank_grpo_exp_inf"])), ""]
+
+    comparisons = [(f"{label[a]} − {label[b]}", a, b) for a, b in [
+        ("rl/on/grpo", sft), ("rl/on/rank_grpo_log", sft), ("rl/on/rank_grpo_exp_inf", sft),
+        ("rl/on/rank_grpo_log", "rl/on/grpo"), ("rl/on/rank_grpo_exp_inf", "rl/on/grpo"),
+        ("rl/on/rank_grpo_exp_inf", "rl/on/rank_grpo_log"),
+        ("rl/off/grpo", sft), ("rl/off/gspo", sft), ("rl/off/rank_grpo_log", sft), ("rl/off/rank_grpo_exp_inf", sft),
+        ("rl/off/rank_grpo_exp_inf", "rl/off/grpo"), ("rl/off/rank_grpo_exp_inf", "rl/off/gspo"),
+        ("rl/off/rank_grpo_exp_inf", "rl/off/rank_grpo_log"),
+        ("rl/off/rank_grpo_exp_inf", "rl/on/rank_grpo_exp_inf"),
+        (sft, "sft/no_remap_reflect"), (sft, "sft/no_reflect"),
+        ("rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf")] if a in per and b in per]
+    md += ["## Paired differences (same test conversations)", "",
+           delta_table([(lab, per[a], per[b]) for lab, a, b in comparisons]), ""]
+
+    def d(a, b, k=20):
+        return paired(per[a], per[b], f"ndcg@{k}") if a in per and b in per else None
+
+    claims = []
+    chain = ["rl/on/rank_grpo_exp_inf", "rl/on/rank_grpo_log", "rl/on/grpo", sft]
+    for a, b in zip(chain, chain[1:]):
+        if d(a, b):
+            claims.append((f"on-policy N@20: {label[a]} > {label[b]}", verdict(d(a, b))))
+    for b in ["rl/off/grpo", "rl/off/gspo", "rl/off/rank_grpo_log"]:
+        if d("rl/off/rank_grpo_exp_inf", b):
+            claims.append((f"off-policy N@20: Rank-GRPO (exp∞) > {label[b]}", verdict(d("rl/off/rank_grpo_exp_inf", b))))
+    for a in ["rl/on/rank_grpo_exp_inf", "rl/on/grpo"]:
+        if d(a, sft):
+            gains = [d(a, sft, k)["mean"] for k in KS]
+            rel = [g / agg[sft][f"ndcg@{k}"]["mean"] if agg[sft][f"ndcg@{k}"]["mean"] else float("nan")
+                   for g, k in zip(gains, KS)]
+            claims.append((f"gains grow with k ({label[a]} − SFT, N@5/10/15/20)",
+                           grows_with_k(gains) + ": absolute "
+                           + " / ".join(f"{g:+.4f}" for g in gains) + "; relative "
+                           + " / ".join(f"{r:+.0%}" for r in rel)))
+    if d("rl/on/rank_grpo_exp_inf", "rl/on/grpo"):
+        gk = [d("rl/on/rank_grpo_exp_inf", "rl/on/grpo", k)["mean"] for k in KS]
+        claims.append(("gains over GRPO grow with k (Rank-GRPO exp∞ − GRPO, N@5/10/15/20)",
+                       grows_with_k(gk) + ": "
+                       + " / ".join(f"{g:+.4f}" for g in gk)))
+    if d("rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf"):
+        claims.append(("removing SFT hurts (SFT + Rank-GRPO > R1-zero)",
+                       verdict(d("rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf"))))
+    for b in ["sft/no_remap_reflect", "sft/no_reflect"]:
+        if d(sft, b):
+            claims.append((f"full RRA SFT > {label[b]}", verdict(d(sft, b))))
+    if d("rl/on/rank_grpo_exp_inf", "rl/off/rank_grpo_exp_inf"):
+        claims.append(("off-policy lags on-policy at equal rounds (Rank-GRPO exp∞)",
+                       verdict(d("rl/on/rank_grpo_exp_inf", "rl/off/rank_grpo_exp_inf"))))
+    md += ["## The paper's claims, mechanically", "",
+           "A verdict compares a paired difference in N@20 with its standard error: above +2 SE holds, below −2 SE "
+           "is reversed, otherwise not resolved at this size.", "",
+           "| claim | verdict |", "|---|---|"] + [f"| {c} | {v} |" for c, v in claims] + [""]
+
+    # training dynamics in numbers: first and last validation point, reward at rank 1 / 20 early vs late
+    md += ["## Training dynamics per arm", "",
+           "| arm | val N@20 start → end | val in-catalog start → end | rel_1 first 5 → last 5 rounds | "
+           "rel_20 first 5 → last 5 | final KL |", "|---|---|---|---|---|---|"]
+    for arm in arms:
+        train, val = rl_log(out, arm.name)
+        if not train or not val:
+            continue
+        m = lambda rs, k: float(np.mean([r[k] for r in rs])) if rs else float("nan")  # noqa: E731
+        md.append(f"| {arm.name} | {val[0]['val_ndcg@20']:.4f} → {val[-1]['val_ndcg@20']:.4f} | "
+                  f"{val[0]['val_in_catalog']:.3f} → {val[-1]['val_in_catalog']:.3f} | "
+                  f"{m(train[:5], 'reward/rank_1'):.3f} → {m(train[-5:], 'reward/rank_1'):.3f} | "
+                  f"{m(train[:5], 'reward/rank_20'):.3f} → {m(train[-5:], 'reward/rank_20'):.3f} | "
+                  f"{train[-1].get('kl', float('nan')):.5f} |")
+    md.append("")
+
+    md += ["## RL round time per arm (seconds; runs shared the cores, see bench_rl_speed.py for one unshared "
+           "step)", "", "| arm | sampling | parse + rewards + segmentation | reference forward | policy forward | "
+           "backward + optimiser | total | samples/s | completion tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    breakdown = {a.name: step_breakdown(out, a.name) for a in arms}
+    for name, b in breakdown.items():
+        if b:
+            md.append(f"| {name} | {b['sample']:.2f} | {b['score']:.2f} | {b['ref']:.2f} | {b['policy_forward']:.2f} "
+                      f"| {b['backward_optimizer']:.2f} | {b['total']:.2f} | {b['samples_per_s']:.1f} | "
+                      f"{b['completion_tokens']:.0f} |")
+    md.append("")
+
+    window = 1 if cfg.quick else 5
+    figs = [plot_rewards(out, arms, res_dir / "per_rank_reward.png", window),
+            plot_validation(out, arms, res_dir / "val_ndcg20.png"),
+            plot_catalog(out, arms, res_dir / "val_in_catalog.png")]
+    from rankgrpo.plots import plot_rank_hits
+    figs.append(plot_rank_hits({label[n]: agg[n]["rank_hit_rate"] for n in
+                                [sft, "rl/on/grpo", "rl/on/rank_grpo_exp_inf"] if n in agg},
+                               res_dir / "test_rank_hits.png"))
+    md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
+    if seconds:
+        md += ["## Stage wall-clock (this invocation)", "", "| stage | seconds |", "|---|---|"]
+        md += [f"| {k} | {v:.0f} |" for k, v in seconds.items()] + [""]
+    text = "\n".join(md)
+    atomic_write_text(res_dir / "paper_tables.md", text)
+    atomic_write_json(res_dir / "summary.json", {
+        "config": vars(cfg), "results": {n: {k: v for k, v in a.items() if k != "rank_hit_rate"} | {
+            "rank_hit_rate": a.get("rank_hit_rate")} for n, a in agg.items()},
+        "claims": dict(claims), "step_breakdown": breakdown, "stage_seconds": seconds})
+    return text
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(PaperTablesConfig, argv)
+    t0 = time.time()
+    seconds: dict[str, float] = {}
+    if not cfg.report_only:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.out, "paper_tables_config.json")
+        seconds = run_tasks(plan(cfg), cfg)
+    text = build_report(cfg, seconds)
+    print(text)
+    print(f"\nwrote {cfg.results}/paper_tables.md, summary.json and PNGs; {time.time() - t0:.0f}s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The paper-tables benchmark's bookkeeping: the stage graph, paired differences, verdicts,
+smoothing and the per-round time breakdown (the training itself is tested elsewhere)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("paper_tables", ROOT / "benchmarks" / "paper_tables.py")
+pt = importlib.util.module_from_spec(spec)
+sys.modules["paper_tables"] = pt  # dataclasses look their module up there
+spec.loader.exec_module(pt)
+
+
+def _cfg(*argv):
+    return pt.parse_config(pt.PaperTablesConfig, ["--out", "OUT", *argv])
+
+
+def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
+    tasks = pt.plan(_cfg())
+    names = [t.name for t in tasks]
+    assert len(names) == len(set(names))
+    position = {n: i for i, n in enumerate(names)}
+    for t in tasks:  # every dependency exists and comes earlier (so list order is a valid schedule)
+        assert all(position[d] < position[t.name] for d in t.deps), t.name
+    rl = [t for t in tasks if t.name.startswith("rl/")]
+    assert len(rl) == 8
+
+    def flag(t, f):
+        return t.cmd[t.cmd.index(f) + 1]
+
+    for f in ["--steps", "--lr", "--seed", "--prompts-per-step", "--group-size", "--max-new-tokens", "--beta"]:
+        assert len({flag(t, f) for t in rl}) == 1, f  # equal steps, samples and seeds
+    assert {flag(t, "--model") for t in rl if "r1zero" not in t.name} == {str(Path("OUT/sft/full/final"))}
+    r1 = next(t for t in rl if "r1zero" in t.name)
+    assert flag(r1, "--model") == str(Path("OUT/world/base_model"))
+    mus = {t.name: flag(t, "--mu") for t in rl}
+    assert mus["rl/off/gspo"] == "2" and mus["rl/on/grpo"] == "1"
+    sft = [t for t in tasks if t.name.startswith("sft/")]
+    assert len({(flag(t, "--max-steps"), flag(t, "--lr"), flag(t, "--seed")) for t in sft}) == 1
+    demos = {t.name: t.cmd for t in tasks if t.name.startswith("demos/")}
+    assert "--no-reflect" in demos["demos/no_reflect"] and "--no-remap-reflect" in demos["demos/no_remap_reflect"]
+    assert not {"--no-reflect", "--no-remap-reflect"} & set(demos["demos/full"])
+    assert len([t for t in tasks if t.name.startswith("eval/")]) == 8 + 3 + 1
+
+
+def test_arms_filter_and_unknown_arm():
+    tasks = pt.plan(_cfg("--arms", "on/grpo"))
+    assert [t.name for t in tasks if t.name.startswith("rl/")] == ["rl/on/grpo"]
+    with pytest.raises(SystemExit, match="unknown arm"):
+        pt.plan(_cfg("--arms", "on/ppo"))
+
+
+def test_paired_difference_by_hand():
+    a = {"x": {"m": 0.5}, "y": {"m": 0.2}, "z": {"m": 0.0}, "only_a": {"m": 9.0}}
+    b = {"x": {"m": 0.1}, "y": {"m": 0.2}, "z": {"m": 0.3}}
+    d = pt.paired(a, b, "m")
+    # differences 0.4, 0.0, -0.3: mean 1/30, sample sd sqrt(0.37/3 ... ) computed by hand
+    diffs = [0.4, 0.0, -0.3]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
+    assert d["mean"] == pytest.approx(mean) and d["stderr"] == pytest.approx(sd / math.sqrt(3))
+    assert (d["better"], d["worse"], d["n"]) == (1, 1, 3)
+
+
+@pytest.mark.parametrize("mean,se,word", [(0.03, 0.01, "holds"), (0.01, 0.01, "not resolved"),
+                                          (-0.01, 0.01, "not resolved"), (-0.05, 0.01, "reversed")])
+def test_verdict_thresholds(mean, se, word):
+    assert pt.verdict({"mean": mean, "stderr": se}).startswith(word)
+
+
+@pytest.mark.parametrize("gains,word", [([0.01, 0.02, 0.02, 0.03], "holds"), ([0.02, 0.02, 0.02, 0.02], "does not"),
+                                        ([0.03, 0.02, 0.04, 0.05], "does not"), ([-0.03, -0.02, -0.01, -0.005],
+                                                                                 "does not")])
+def test_grows_with_k(gains, word):
+    assert pt.grows_with_k(gains).startswith(word)
+
+
+def test_smooth_is_a_trailing_mean():
+    assert pt.smooth([1, 2, 3, 4], 2).tolist() == [1.0, 1.5, 2.5, 3.5]
+    assert pt.smooth([1, 2, 3], 1).tolist() == [1, 2, 3]
+
+
+def test_step_breakdown_sums_policy_forward_over_the_rounds_optimiser_steps(tmp_path):
+    run = tmp_path / "rl" / "off" / "x"
+    run.mkdir(parents=True)
+    rows = [{"step": 0, "val_ndcg@20": 0.1}]
+    for step in (1, 2):  # round 1 is warm-up and skipped
+        for it, update in ((0, 4.0), (1, 9.0)):  # time/update is cumulative over the round
+            rows.append({"step": step, "iteration": it, "loss": 0.0, "time/sample": 2.0, "time/score": 0.1,
+                         "time/ref": 1.0, "time/update": update, "time/policy_forward": 1.5,
+                         "completion_tokens": 100.0, "samples_per_s": 64 / 12.1})
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b = pt.step_breakdown(tmp_path, "off/x")
+    assert b["rounds"] == 1
+    assert b["policy_forward"] == pytest.approx(3.0) and b["backward_optimizer"] == pytest.approx(6.0)
+    assert b["total"] == pytest.approx(2.0 + 0.1 + 1.0 + 9.0) and b["samples_per_s"] == pytest.approx(64 / 12.1)
