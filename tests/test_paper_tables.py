@@ -22,7 +22,7 @@ def _cfg(*argv):
 
 
 def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
-    tasks = pt.plan(_cfg())
+    tasks = pt.plan(_cfg("--replicates", "0"))
     names = [t.name for t in tasks]
     assert len(names) == len(set(names))
     position = {n: i for i, n in enumerate(names)}
@@ -51,7 +51,7 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
 
 def test_arms_filter_and_unknown_arm():
     tasks = pt.plan(_cfg("--arms", "on/grpo"))
-    assert [t.name for t in tasks if t.name.startswith("rl/")] == ["rl/on/grpo"]
+    assert [t.name for t in tasks if t.name.startswith("rl/")] == ["rl/on/grpo", "rl/seed3408/on/grpo"]
     with pytest.raises(SystemExit, match="unknown arm"):
         pt.plan(_cfg("--arms", "on/ppo"))
 
@@ -100,3 +100,33 @@ def test_step_breakdown_sums_policy_forward_over_the_rounds_optimiser_steps(tmp_
     assert b["rounds"] == 1
     assert b["policy_forward"] == pytest.approx(3.0) and b["backward_optimizer"] == pytest.approx(6.0)
     assert b["total"] == pytest.approx(2.0 + 0.1 + 1.0 + 9.0) and b["samples_per_s"] == pytest.approx(64 / 12.1)
+
+
+def test_replicates_differ_only_in_seed_and_start_from_the_main_sft_checkpoint():
+    tasks = {t.name: t for t in pt.plan(_cfg("--replicates", "2"))}
+
+    def flag(t, f):
+        return t.cmd[t.cmd.index(f) + 1]
+
+    for seed in (3408, 3409):
+        for arm in pt.REPLICATED_RL:
+            rep, main = tasks[f"rl/seed{seed}/{arm}"], tasks[f"rl/{arm}"]
+            assert flag(rep, "--seed") == str(seed) and flag(main, "--seed") == "3407"
+            assert flag(rep, "--model") == flag(main, "--model") == str(Path("OUT/sft/full/final"))
+            assert flag(rep, "--out") == str(Path(f"OUT/rl/seed{seed}/{arm}"))
+            differ = {i for i, (x, y) in enumerate(zip(rep.cmd, main.cmd)) if x != y}
+            assert {rep.cmd[i - 1] for i in differ} == {"--out", "--seed"}  # nothing else changes
+            assert f"eval/rl/seed{seed}/{arm}" in tasks
+        sft = tasks[f"sft/seed{seed}/full"]
+        assert flag(sft, "--train-data") == str(Path("OUT/demos/full/train.jsonl")) and flag(sft, "--seed") == str(seed)
+        assert f"eval/sft/seed{seed}/full" in tasks
+    assert pt.at_seed("rl/on/grpo", 3408, _cfg()) == "rl/seed3408/on/grpo"
+    assert pt.at_seed("sft/full", 3407, _cfg()) == "sft/full"
+    assert _cfg("--quick").replicates == 0
+
+
+def test_stage_seconds_survive_across_invocations(tmp_path):
+    pt.record_seconds(tmp_path, "world", 10.04)
+    pt.record_seconds(tmp_path, "sft/full", 600.0)
+    pt.record_seconds(tmp_path, "world", 12.0)  # a rerun replaces the stage's time
+    assert json.loads((tmp_path / "stage_seconds.json").read_text()) == {"world": 12.0, "sft/full": 600.0}
