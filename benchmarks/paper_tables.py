@@ -89,6 +89,8 @@ class PaperTablesConfig:
     seed: int = arg(3407, "Seed of every training run (the paper's).")
     arms: list[str] = arg([], "Only these RL arms (names as in the tables, e.g. on/rank_grpo_exp_inf); "
                               "empty: all.")
+    sft_arms: list[str] = arg([], "Only these SFT arms of Table 2 (full, no_reflect, no_remap_reflect); full "
+                                  "is always run, it is every RL arm's start. Empty: all.")
     replicates: int = arg(1, "Extra training seeds (seed+1 .. seed+R) of the full-RRA SFT run and of the three "
                              "on-policy RL arms (from the main SFT checkpoint): the run-to-run noise, which the "
                              "standard errors over test conversations leave out. --quick sets 0.")
@@ -142,6 +144,13 @@ SFT_ARMS = (
 REPLICATED_RL = ("on/grpo", "on/rank_grpo_log", "on/rank_grpo_exp_inf")
 
 
+def selected_sft(cfg: PaperTablesConfig) -> list[tuple[str, list[str], str]]:
+    unknown = set(cfg.sft_arms) - {n for n, _, _ in SFT_ARMS}
+    if unknown:
+        raise SystemExit(f"error: unknown SFT arm(s) {sorted(unknown)}; known: {[n for n, _, _ in SFT_ARMS]}")
+    return [a for a in SFT_ARMS if not cfg.sft_arms or a[0] in cfg.sft_arms or a[0] == "full"]
+
+
 def replicate_arms(cfg: PaperTablesConfig) -> list[Arm]:
     """The on-policy arms again with seeds seed+1 .. seed+R, named ``seed{S}/on/...``; they start
     from the main SFT checkpoint, so they measure the RL run's own seed noise."""
@@ -176,12 +185,12 @@ def plan(cfg: PaperTablesConfig) -> list[Task]:
                             "--n-films", str(cfg.n_films), "--n-train", str(cfg.n_train),
                             "--n-validation", str(cfg.n_validation), "--n-test", str(cfg.n_test)],
                   world / "base_model" / "config.json")]
-    for name, flags, _ in SFT_ARMS:
+    for name, flags, _ in selected_sft(cfg):
         demos = out / "demos" / name
         tasks.append(Task(f"demos/{name}", [py, "build_demos.py", "--world", str(world), "--out", str(demos),
                                             "--train-fraction", "1.0", "--report-train", "0", *flags],
                           demos / "train.jsonl", ["world"]))
-    sft_runs = [(name, name, 0) for name, _, _ in SFT_ARMS] + [(n, "full", i) for n, i in replicate_sft(cfg)]
+    sft_runs = [(name, name, 0) for name, _, _ in selected_sft(cfg)] + [(n, "full", i) for n, i in replicate_sft(cfg)]
     for name, demos_name, offset in sft_runs:
         demos, run = out / "demos" / demos_name, out / "sft" / name
         tasks.append(Task(f"sft/{name}", [py, "train_sft.py", "--model", str(world / "base_model"),
@@ -226,7 +235,7 @@ def eval_targets(cfg: PaperTablesConfig) -> list[tuple[str, Path, str]]:
     """(evaluation name, checkpoint, task it needs): RL arms first (they finish last)."""
     out = Path(cfg.out)
     targets = [(f"rl/{a.name}", out / "rl" / a.name / "final", f"rl/{a.name}") for a in selected_arms(cfg)]
-    targets += [(f"sft/{n}", out / "sft" / n / "final", f"sft/{n}") for n, _, _ in SFT_ARMS]
+    targets += [(f"sft/{n}", out / "sft" / n / "final", f"sft/{n}") for n, _, _ in selected_sft(cfg)]
     targets.append(("base", out / "world" / "base_model", "world"))
     targets += [(f"rl/{a.name}", out / "rl" / a.name / "final", f"rl/{a.name}") for a in replicate_arms(cfg)]
     targets += [(f"sft/{n}", out / "sft" / n / "final", f"sft/{n}") for n, _ in replicate_sft(cfg)]
@@ -464,8 +473,9 @@ def plot_rewards(out: Path, arms: list[Arm], path: Path, window: int) -> Path:
     return path
 
 
-def plot_validation(out: Path, arms: list[Arm], path: Path) -> Path:
-    """Validation NDCG@20 (greedy) against round, on-policy and off-policy panels."""
+def plot_validation(out: Path, arms: list[Arm], path: Path, replicates: tuple[Arm, ...] = ()) -> Path:
+    """Validation NDCG@20 (greedy) against round, on-policy and off-policy panels; seed replicates
+    dashed in their arm's colour."""
     from rankgrpo.plots import _pyplot
 
     plt = _pyplot()
@@ -475,7 +485,12 @@ def plot_validation(out: Path, arms: list[Arm], path: Path) -> Path:
     for ax, (title, group) in zip(axes, groups):
         for arm in group:
             _, val = rl_log(out, arm.name)
-            ax.plot([r["step"] for r in val], [r["val_ndcg@20"] for r in val], marker="o", ms=3, label=arm.name)
+            line, = ax.plot([r["step"] for r in val], [r["val_ndcg@20"] for r in val], marker="o", ms=3,
+                            label=arm.name)
+            for rep in (r for r in replicates if r.name.endswith("/" + arm.name)):
+                _, val = rl_log(out, rep.name)
+                ax.plot([r["step"] for r in val], [r["val_ndcg@20"] for r in val], ls="--", marker="o", ms=2,
+                        color=line.get_color(), label=rep.name)
         ax.set_title(title)
         ax.set_xlabel("round (sampled batch)")
         ax.legend(fontsize=7)
@@ -572,7 +587,12 @@ def build_report(cfg: PaperTablesConfig) -> str:
     md = [f"# Paper tables in miniature ({'quick' if cfg.quick else 'full'} run)", "",
           "Generated by `benchmarks/paper_tables.py`; every number is on the sandbox test split "
           f"({agg[sft]['n_examples']} conversations, greedy lists, the evaluation's shift view), mean ±standard "
-          "error over conversations.", ""]
+          "error over conversations.", "",
+          f"Settings: sandbox world of {cfg.n_films} films, {cfg.n_train} training conversations (seed "
+          f"{cfg.world_seed}); SFT {cfg.sft_steps} steps at lr {cfg.sft_lr:g}; RL {cfg.rl_steps} rounds × "
+          f"{cfg.prompts_per_step} prompts × G = {cfg.group_size} at lr {cfg.rl_lr:g}, β = {cfg.beta:g}, up to "
+          f"{cfg.max_new_tokens} tokens; training seed {cfg.seed}"
+          + (f" (+{cfg.replicates} replicate seed(s))" if cfg.replicates else "") + ".", ""]
     md += ["## Table 1 analogue: on-policy RL (μ = 1)", "",
            table(baselines(out) + rows(["base", sft, "rl/on/grpo", "rl/on/rank_grpo_log", "rl/on/rank_grpo_exp_inf"])),
            ""]
@@ -585,7 +605,7 @@ def build_report(cfg: PaperTablesConfig) -> str:
     md += ["Demonstrations each SFT arm learned from (validation split, `build_demos.py` report: the "
            "demonstration stage's lists scored directly):", "",
            "| SFT arm | stages | demonstrations N@20 | R@20 | in-catalog |", "|---|---|---|---|---|"]
-    for name, _, lab in SFT_ARMS:
+    for name, _, lab in selected_sft(cfg):
         rep = json.loads((out / "demos" / name / "report.json").read_text())
         m = rep["metrics"]["validation"][rep["demonstration_stage"]]
         md.append(f"| {lab} | {' → '.join(rep['stages'])} | {m['ndcg@20']['mean']:.4f} | "
@@ -690,7 +710,7 @@ def build_report(cfg: PaperTablesConfig) -> str:
 
     window = 1 if cfg.quick else 5
     figs = [plot_rewards(out, arms, res_dir / "per_rank_reward.png", window),
-            plot_validation(out, arms, res_dir / "val_ndcg20.png"),
+            plot_validation(out, arms, res_dir / "val_ndcg20.png", tuple(replicate_arms(cfg))),
             plot_catalog(out, arms, res_dir / "val_in_catalog.png")]
     from rankgrpo.plots import plot_rank_hits
     figs.append(plot_rank_hits({label[n]: agg[n]["rank_hit_rate"] for n in

@@ -54,6 +54,11 @@ def test_arms_filter_and_unknown_arm():
     assert [t.name for t in tasks if t.name.startswith("rl/")] == ["rl/on/grpo", "rl/seed3408/on/grpo"]
     with pytest.raises(SystemExit, match="unknown arm"):
         pt.plan(_cfg("--arms", "on/ppo"))
+    tasks = pt.plan(_cfg("--sft-arms", "no_reflect", "--arms", "on/grpo", "--replicates", "0"))
+    assert {t.name for t in tasks if t.name.startswith(("sft/", "demos/"))} == {
+        "demos/full", "demos/no_reflect", "sft/full", "sft/no_reflect"}  # full is every RL arm's start
+    with pytest.raises(SystemExit, match="unknown SFT arm"):
+        pt.plan(_cfg("--sft-arms", "no_adjust"))
 
 
 def test_paired_difference_by_hand():
