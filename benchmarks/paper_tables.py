@@ -384,21 +384,33 @@ def baselines(out: Path, n_items: int = 20) -> list[tuple[str, dict]]:
 
 
 def list_shape(rows: dict[str, dict], n_items: int = 20) -> dict:
-    """How the greedy lists look, from the completions themselves: mean lines, mean distinct
-    (normalised title, year) pairs among the first ``n_items`` lines, and the share of lists
-    that repeat an item. A model that repeats titles cannot gain at large k."""
+    """How the greedy lists look, from the completions themselves. Within a list: mean valid lines,
+    mean distinct (normalised title, year) items among the first ``n_items`` lines, the share of
+    lists that repeat an item. Across conversations: how many different lists (as ordered sets of
+    distinct items) and different items the model produced at all, and the share of conversations
+    that got the single most common list. A model that repeats titles cannot gain at large k; one
+    that gives most conversations the same list has not learned to read the conversation.
+
+    Example: lists "A, B, A" / "A, B" / "C" give valid lines (3 + 2 + 1) / 3 = 2.0, distinct items
+    (2 + 2 + 1) / 3, repeats 1/3; across them 2 different lists ((A, B) twice), 3 items, and the
+    most common list's share 2/3."""
     from rankgrpo.catalog import normalize_title
     from rankgrpo.parsing import parse_recommendations
 
-    lines, distinct, repeats = [], [], []
+    lines, distinct, repeats, lists, used = [], [], [], {}, set()
     for row in rows.values():
         items = [it for it in parse_recommendations(row["completion"])[:n_items] if it.valid]
-        keys = {(normalize_title(it.title), it.year) for it in items}
+        keys = list(dict.fromkeys((normalize_title(it.title), it.year) for it in items))
         lines.append(len(items))
         distinct.append(len(keys))
         repeats.append(len(keys) < len(items))
+        if keys:
+            lists[tuple(keys)] = lists.get(tuple(keys), 0) + 1
+            used.update(keys)
     return {"valid_lines": float(np.mean(lines)), "distinct_items": float(np.mean(distinct)),
-            "lists_with_repeats": float(np.mean(repeats))}
+            "lists_with_repeats": float(np.mean(repeats)), "different_lists": len(lists),
+            "different_items": len(used),
+            "top_list_share": max(lists.values()) / len(rows) if lists else 0.0}
 
 
 def rl_log(out: Path, arm: str) -> tuple[list[dict], list[dict]]:
@@ -622,10 +634,16 @@ def build_report(cfg: PaperTablesConfig) -> str:
         ("rl/off/rank_grpo_exp_inf", "rl/on/rank_grpo_exp_inf"),
         (sft, "sft/no_remap_reflect"), (sft, "sft/no_reflect"),
         ("rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf")] if a in per and b in per]
+    n_films = len((out / "world" / "catalog.jsonl").read_text().splitlines())
     md += ["## What the greedy lists look like", "",
-           "| run | valid lines (of 20) | distinct items | lists with a repeat |", "|---|---|---|---|"]
+           "Within a list: valid lines, distinct items, share of lists with a repeated item. Across the "
+           f"{agg[sft]['n_examples']} test conversations: different lists produced, different items used (of "
+           f"{n_films} films), and the share of conversations given the single most common list.", "",
+           "| run | valid lines (of 20) | distinct items per list | lists with a repeat | different lists | "
+           "different items | most common list's share |", "|---|---|---|---|---|---|---|"]
     shapes = {n: list_shape(per[n]) for n in per}
-    md += [f"| {label[n]} | {s['valid_lines']:.1f} | {s['distinct_items']:.1f} | {s['lists_with_repeats']:.2f} |"
+    md += [f"| {label[n]} | {s['valid_lines']:.1f} | {s['distinct_items']:.1f} | {s['lists_with_repeats']:.2f} | "
+           f"{s['different_lists']} | {s['different_items']} | {s['top_list_share']:.2f} |"
            for n, s in shapes.items()] + [""]
     md += ["## Paired differences (same test conversations)", "",
            delta_table([(lab, per[a], per[b]) for lab, a, b in comparisons]), ""]

@@ -135,3 +135,13 @@ def test_stage_seconds_survive_across_invocations(tmp_path):
     pt.record_seconds(tmp_path, "sft/full", 600.0)
     pt.record_seconds(tmp_path, "world", 12.0)  # a rerun replaces the stage's time
     assert json.loads((tmp_path / "stage_seconds.json").read_text()) == {"world": 12.0, "sft/full": 600.0}
+
+
+def test_list_shape_by_hand():
+    rows = {"a": {"completion": "Alpha (2001)\nBeta (2002)\nAlpha (2001)"},
+            "b": {"completion": "Alpha (2001)\nBeta (2002)"},
+            "c": {"completion": "Gamma (2003)\nnot a list line"}}
+    s = pt.list_shape(rows)
+    assert s["valid_lines"] == pytest.approx(2.0) and s["distinct_items"] == pytest.approx(5 / 3)
+    assert s["lists_with_repeats"] == pytest.approx(1 / 3)
+    assert (s["different_lists"], s["different_items"]) == (2, 3) and s["top_list_share"] == pytest.approx(2 / 3)
