@@ -20,7 +20,7 @@ errors, paired differences, a verdict per claim of the paper, the RL step-time b
 ``summary.json`` (every number), and PNGs (per-rank training reward per arm, validation NDCG@20
 against step). Runs are resumable: rerunning skips finished stages and resumes training runs.
 
-    python benchmarks/paper_tables.py                 # full size: about an hour on 2 CPU cores
+    python benchmarks/paper_tables.py                 # full size: about 80 minutes on 2 CPU cores
     python benchmarks/paper_tables.py --quick         # smoke size: under 10 minutes
     python benchmarks/paper_tables.py --report-only   # rebuild tables and figures from finished runs
 
@@ -559,7 +559,8 @@ def noise_section(cfg: PaperTablesConfig, agg: dict, per: dict, label: dict) -> 
           "checkpoint, so their spread is the RL run's own).", "",
           "| run | " + " | ".join(f"N@20 seed {s}" for s in seeds) + " | spread (max − min) |",
           "|---|" + "---|" * (len(seeds) + 1)]
-    for name in [sft, *(f"rl/{a.name}" for a in replicate_arms(cfg) if a.seed_offset == 1)]:
+    replicated = {a.name for a in selected_arms(cfg)} & set(REPLICATED_RL)
+    for name in [sft, *(f"rl/{n}" for n in REPLICATED_RL if n in replicated)]:
         vals = [agg[at_seed(name, s, cfg)]["ndcg@20"]["mean"] for s in seeds]
         md.append(f"| {label[name]} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {max(vals) - min(vals):.4f} |")
     md += ["", "The on-policy comparisons seed by seed (paired N@20 differences on the test conversations):", "",

@@ -145,3 +145,27 @@ def test_list_shape_by_hand():
     assert s["valid_lines"] == pytest.approx(2.0) and s["distinct_items"] == pytest.approx(5 / 3)
     assert s["lists_with_repeats"] == pytest.approx(1 / 3)
     assert (s["different_lists"], s["different_items"]) == (2, 3) and s["top_list_share"] == pytest.approx(2 / 3)
+
+
+def test_noise_section_reads_every_replicate_at_every_seed():
+    """Synthetic evaluations: run r at seed s scores ndcg@20 = base[r] + (s - 3407) / 100 on
+    average, over three conversations spread by ±delta (delta differs per run and seed, so the
+    paired differences have a non-zero standard error but keep their exact means)."""
+    cfg = _cfg("--replicates", "1")
+    base = {"sft/full": 0.10, "rl/on/grpo": 0.20, "rl/on/rank_grpo_log": 0.30, "rl/on/rank_grpo_exp_inf": 0.40}
+    per, agg = {}, {}
+    for i, (name, b) in enumerate(base.items()):
+        for seed in (3407, 3408):
+            v, delta = b + (seed - 3407) / 100, 0.001 * (i + 1) + 0.0005 * (seed - 3407)
+            per[pt.at_seed(name, seed, cfg)] = {c: {"ndcg@20": v + (c - 1) * delta} for c in range(3)}
+            agg[pt.at_seed(name, seed, cfg)] = {"ndcg@20": {"mean": v}}
+    label = {n: n for n in per}
+    md = pt.noise_section(cfg, agg, per, label)
+    for name, b in base.items():  # N@20 at seed 3407, at seed 3408, spread
+        assert f"| {name} | {b:.4f} | {b + 0.01:.4f} | 0.0100 |" in md
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in md if " − " in line}
+    # exp_inf − log is +0.10 at both seeds; GRPO − SFT +0.10; SFT seed 3408 − seed 3407 +0.01
+    assert [c[:14] for c in rows["rl/on/rank_grpo_exp_inf − rl/on/rank_grpo_log"]] == ["holds (+0.1000"] * 2
+    assert [c[:14] for c in rows["rl/on/grpo − sft/full"]] == ["holds (+0.1000", "holds (+0.1100"]
+    assert rows["sft/full, other seed − seed 3407 (same demonstrations)"][1].startswith("holds (+0.0100")
+    assert pt.noise_section(_cfg("--replicates", "0"), agg, per, label) == []
