@@ -326,10 +326,15 @@ def paired(a: dict[str, dict], b: dict[str, dict], metric: str) -> dict:
             "n": len(d)}
 
 
+def z_score(diff: dict) -> float:
+    """A paired difference's mean in standard errors (0 when the standard error is 0)."""
+    return diff["mean"] / diff["stderr"] if diff["stderr"] > 0 else 0.0
+
+
 def verdict(diff: dict) -> str:
     """'holds' if the paired difference is above 2 standard errors, 'reversed' if below -2, else
     'not resolved' (same sign or not, it is within noise)."""
-    z = diff["mean"] / diff["stderr"] if diff["stderr"] > 0 else 0.0
+    z = z_score(diff)
     if z > 2:
         return f"holds (+{diff['mean']:.4f}, {z:.1f} SE)"
     if z < -2:
@@ -337,11 +342,15 @@ def verdict(diff: dict) -> str:
     return f"not resolved ({diff['mean']:+.4f}, {z:+.1f} SE)"
 
 
-def grows_with_k(gains: list[float]) -> str:
-    """'holds' if a gain is positive at k = 20, larger there than at k = 5, and never falls as k
-    grows (NDCG gains at k = 5, 10, 15, 20); 'does not hold' otherwise."""
+def grows_with_k(gains: list[float], z_at_20: float) -> str:
+    """Verdict on "gains grow with k" from the NDCG gains at k = 5, 10, 15, 20 and the z-score
+    (gain / standard error) of the paired gain at k = 20: 'not resolved' if that gain is within
+    2 SE of zero (there is nothing to grow); else 'holds' if the gains never fall as k grows and
+    end larger than they start, 'does not hold' otherwise."""
+    if not z_at_20 > 2:
+        return f"not resolved (the gain at k = 20 is {z_at_20:+.1f} SE)"
     rising = all(x <= y for x, y in zip(gains, gains[1:])) and gains[-1] > gains[0]
-    return "holds" if rising and gains[-1] > 0 else "does not hold"
+    return "holds" if rising else "does not hold"
 
 
 def cell(agg: dict, key: str) -> str:
@@ -665,16 +674,18 @@ def build_report(cfg: PaperTablesConfig) -> str:
     for a in ["rl/on/rank_grpo_exp_inf", "rl/on/grpo"]:
         if d(a, sft):
             gains = [d(a, sft, k)["mean"] for k in KS]
+            last = d(a, sft, 20)
             rel = [g / agg[sft][f"ndcg@{k}"]["mean"] if agg[sft][f"ndcg@{k}"]["mean"] else float("nan")
                    for g, k in zip(gains, KS)]
             claims.append((f"gains grow with k ({label[a]} − SFT, N@5/10/15/20)",
-                           grows_with_k(gains) + ": absolute "
+                           grows_with_k(gains, z_score(last)) + ": absolute "
                            + " / ".join(f"{g:+.4f}" for g in gains) + "; relative "
                            + " / ".join(f"{r:+.0%}" for r in rel)))
     if d("rl/on/rank_grpo_exp_inf", "rl/on/grpo"):
         gk = [d("rl/on/rank_grpo_exp_inf", "rl/on/grpo", k)["mean"] for k in KS]
+        last = d("rl/on/rank_grpo_exp_inf", "rl/on/grpo", 20)
         claims.append(("gains over GRPO grow with k (Rank-GRPO exp∞ − GRPO, N@5/10/15/20)",
-                       grows_with_k(gk) + ": "
+                       grows_with_k(gk, z_score(last)) + ": "
                        + " / ".join(f"{g:+.4f}" for g in gk)))
     if d("rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf"):
         claims.append(("removing SFT hurts (SFT + Rank-GRPO > R1-zero)",

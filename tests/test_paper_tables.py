@@ -79,11 +79,13 @@ def test_verdict_thresholds(mean, se, word):
     assert pt.verdict({"mean": mean, "stderr": se}).startswith(word)
 
 
-@pytest.mark.parametrize("gains,word", [([0.01, 0.02, 0.02, 0.03], "holds"), ([0.02, 0.02, 0.02, 0.02], "does not"),
-                                        ([0.03, 0.02, 0.04, 0.05], "does not"), ([-0.03, -0.02, -0.01, -0.005],
-                                                                                 "does not")])
-def test_grows_with_k(gains, word):
-    assert pt.grows_with_k(gains).startswith(word)
+@pytest.mark.parametrize("gains,z,word", [([0.01, 0.02, 0.02, 0.03], 3.0, "holds"),
+                                          ([0.02, 0.02, 0.02, 0.02], 3.0, "does not"),
+                                          ([0.03, 0.02, 0.04, 0.05], 3.0, "does not"),
+                                          ([-0.001, 0.0006, 0.0006, 0.0006], 0.3, "not resolved"),
+                                          ([-0.03, -0.02, -0.01, -0.005], -1.0, "not resolved")])
+def test_grows_with_k(gains, z, word):
+    assert pt.grows_with_k(gains, z).startswith(word)
 
 
 def test_smooth_is_a_trailing_mean():
