@@ -20,7 +20,7 @@ errors, paired differences, a verdict per claim of the paper, the RL step-time b
 ``summary.json`` (every number), and PNGs (per-rank training reward per arm, validation NDCG@20
 against step). Runs are resumable: rerunning skips finished stages and resumes training runs.
 
-    python benchmarks/paper_tables.py                 # full size: about 80 minutes on 2 CPU cores
+    python benchmarks/paper_tables.py                 # full size: 65-85 minutes on 2 CPU cores
     python benchmarks/paper_tables.py --quick         # smoke size: under 10 minutes
     python benchmarks/paper_tables.py --report-only   # rebuild tables and figures from finished runs
 
