@@ -1,6 +1,6 @@
 """Stage 2: Rank-GRPO (and the vanilla GRPO / GSPO baselines) from an SFT checkpoint.
 
-One RL step, in order (each numbered stage is a function below):
+One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
   1. rollout:   B prompts x G completions from our sampler (behaviour policy = current weights)
   2. score:     one parse per completion -> rel_k -> per-rank causal returns (Rank-GRPO, Eq. 8/9)
                 or the list DCG@N (GRPO / GSPO, Eq. 3)
@@ -22,7 +22,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,14 +31,9 @@ from rankgrpo.checkpoint import (load_trainer_state, rng_state, save_checkpoint,
 from rankgrpo.config import arg, save_config
 from rankgrpo.data import chat_prompt_ids, load_examples
 from rankgrpo.io import append_jsonl
-from rankgrpo.losses import (eos_positions, grpo_loss, group_advantages, gspo_loss, loss_denominator,
-                             rank_grpo_loss)
-from rankgrpo.metrics import in_catalog_ratio
 from rankgrpo.models import load_model
-from rankgrpo.parsing import parse_recommendations
-from rankgrpo.rewards import causal_returns, rank_relevance, sequence_dcg
-from rankgrpo.sampling import sample, token_logprobs
-from rankgrpo.segment import decode_completion, token_ranks
+from rankgrpo.rl import prepare_batch, rollout_metrics, sync, update_pass
+from rankgrpo.sampling import sample
 from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, eos_token_ids, indices_for_step,
                                parse_lr_schedule, run_script, start_from, step_schedule, validate_generation)
 
@@ -49,7 +43,6 @@ PRESETS = {
     # the sandbox's tiny model: fewer prompts, a larger lr, short lists
     "sandbox": dict(lr=2e-5, prompts_per_step=8, micro_batch_size=64, max_new_tokens=180, steps=60),
 }
-LOGGED_RANKS = (1, 2, 5, 10, 15, 20)
 
 
 @dataclass
@@ -109,66 +102,6 @@ class TrainRankGRPOConfig(TrainerConfig):
         parse_lr_schedule(self.lr_schedule)
 
 
-# ----------------------------------------------------------------------------- stages
-
-
-def score_rollout(rollout, examples, tokenizer, catalog, cfg) -> dict:
-    """Stage 2: decode once, parse once, relevance per rank. Returns texts, rel [B, N] and list stats."""
-    texts, rel, n_lines, parse_rate, in_cat = [], [], [], [], []
-    for row in range(rollout.num_rows):
-        n = int(rollout.lengths[row])
-        text = decode_completion(rollout.completion_ids[row, :n].tolist(), tokenizer)
-        items = parse_recommendations(text)
-        ex = examples[int(rollout.prompt_index[row])]
-        rel.append(rank_relevance(items, ex.groundtruth, ex.seen_titles, catalog, n_items=cfg.n_items,
-                                  year_tolerance=cfg.year_tolerance))
-        texts.append(text)
-        n_lines.append(len(items))
-        parse_rate.append(sum(it.valid for it in items) / len(items))
-        in_cat.append(in_catalog_ratio(items, catalog, year_tolerance=cfg.year_tolerance, n_items=cfg.n_items))
-    return {"texts": texts, "rel": torch.tensor(np.stack(rel), dtype=torch.float32),
-            "n_lines": n_lines, "parse_rate": parse_rate, "in_catalog": in_cat}
-
-
-def advantages_for(rel: torch.Tensor, cfg, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 3: (rewards, advantages). Rank-GRPO: per-rank returns [B, N] normalised per rank over G;
-    GRPO / GSPO: DCG@N [B] normalised over G."""
-    if cfg.algo == "rank_grpo":
-        rewards = causal_returns(rel, cfg.reward, cfg.gamma or None)
-        adv = group_advantages(rewards.view(-1, group_size, rel.shape[-1])).view_as(rewards)
-    else:
-        rewards = sequence_dcg(rel)
-        adv = group_advantages(rewards.view(-1, group_size)).view(-1)
-    return rewards, adv
-
-
-def policy_loss(cfg, logp, old_logp, ref_logp, rank_ids, mask, adv, eos_index, denom):
-    """Stage 5's loss for the chosen algorithm (all pure functions of rankgrpo.losses)."""
-    beta = cfg.beta
-    if cfg.algo == "rank_grpo":
-        return rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, adv, eps_low=cfg.eps_low,
-                              eps_high=cfg.eps_high, beta=beta, aggregation=cfg.aggregation,
-                              overflow_penalty=cfg.overflow_penalty, early_stop_penalty=cfg.early_stop_penalty,
-                              eos_index=eos_index, denom=denom)
-    fn = grpo_loss if cfg.algo == "grpo" else gspo_loss
-    return fn(logp, old_logp, ref_logp, mask, adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=beta,
-              denom=denom)
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work so wall-clock stage timings are honest (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _mean_metrics(rows: list[dict]) -> dict:
-    out = {}
-    for k in rows[0]:
-        if isinstance(rows[0][k], (int, float)):
-            out[k] = float(np.mean([r[k] for r in rows]))
-    return out
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -223,8 +156,8 @@ def run(cfg) -> int:
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.algo, dynamic_ncols=True)
     while step < cfg.steps:
         t_start = time.perf_counter()
-        batch = [examples[i] for i in indices_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)]
-        prompts = [prompt_ids.setdefault(ex.id, chat_prompt_ids(tokenizer, ex)) for ex in batch]
+        step_examples = [examples[i] for i in indices_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)]
+        prompts = [prompt_ids.setdefault(ex.id, chat_prompt_ids(tokenizer, ex)) for ex in step_examples]
 
         # 1. rollout
         model.eval()
@@ -232,85 +165,23 @@ def run(cfg) -> int:
                          temperature=cfg.temperature, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
                          tokenizer=tokenizer, generator=generator,
                          stop_after_items=cfg.stop_after_lines or None)
-        _sync(torch.device(cfg.device))
+        sync(torch.device(cfg.device))
         t_sample = time.perf_counter()
-        # 2-4. score, advantages, segmentation
-        scored = score_rollout(rollout, batch, tokenizer, catalog, cfg)
-        rewards, adv = advantages_for(scored["rel"], cfg, cfg.group_size)
-        dev = torch.device(cfg.device)
-        rank_ids = token_ranks(rollout.completion_ids, rollout.completion_mask, tokenizer).to(dev)
-        mask = rollout.completion_mask.to(dev)
-        eos_index = eos_positions(rollout.lengths, rollout.ended_with_eos).to(dev)
-        adv = adv.to(dev)
-        agg = cfg.aggregation if cfg.algo == "rank_grpo" else "sequence_mean"
-        denom = loss_denominator(agg, mask, cfg.n_items if cfg.algo == "rank_grpo" else 1)
-        t_score = time.perf_counter()
-
-        # reference log-probs once per batch
-        micro = [torch.arange(i, min(i + cfg.micro_batch_size, rollout.num_rows))
-                 for i in range(0, rollout.num_rows, cfg.micro_batch_size)]
-        ref_logp = [None] * len(micro)
-        old_logp = [None] * len(micro)
-        if reference is not None:
-            with torch.no_grad(), autocast():
-                for j, rows in enumerate(micro):
-                    ids, attn, start = rollout.model_inputs(rows)
-                    ref_logp[j] = token_logprobs(reference, ids.to(dev), attn.to(dev), start,
-                                                 cfg.temperature).float()
-        _sync(dev)
-        t_ref = time.perf_counter()
+        # 2-4. score, advantages, segmentation, reference log-probs
+        batch = prepare_batch(rollout, step_examples, tokenizer, catalog, cfg, reference=reference, autocast=autocast)
+        listing = rollout_metrics(batch, cfg.group_size, cfg.n_items)
 
         # 5. mu optimiser steps on this batch
         model.train()
+        t_update = time.perf_counter()  # time/update is cumulative over the round's mu passes
         for it in range(cfg.mu):
             for g in optimizer.param_groups:
                 g["lr"] = step_schedule(step * cfg.mu + it, cfg.lr, schedule)
-            optimizer.zero_grad(set_to_none=True)
-            step_metrics, entropies = [], []
-            total = torch.zeros((), device=dev)
-            t_forward = 0.0  # policy forward passes, split out of time/update for the speed breakdown
-            for j, rows in enumerate(micro):
-                ids, attn, start = rollout.model_inputs(rows)
-                t0 = time.perf_counter()
-                with autocast():
-                    logp, ent = token_logprobs(model, ids.to(dev), attn.to(dev), start,
-                                               cfg.temperature, return_entropy=True)
-                logp = logp.float()
-                _sync(dev)
-                t_forward += time.perf_counter() - t0
-                if old_logp[j] is None:  # first pass: the behaviour policy is the current one
-                    old_logp[j] = logp.detach()
-                a = adv[rows]
-                loss, m = policy_loss(cfg, logp, old_logp[j], ref_logp[j], rank_ids[rows], mask[rows], a,
-                                      eos_index[rows], denom)
-                loss.backward()
-                total += loss.detach()
-                step_metrics.append(m)
-                entropies.append((ent.float() * mask[rows]).sum().item())
-            if guard.ok(total, step):
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                optimizer.step()
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                grad_norm = float("nan")
-            _sync(dev)
+            m = update_pass(model, optimizer, batch, cfg, guard=guard, step=step, autocast=autocast)
             t_end = time.perf_counter()
-            rel = scored["rel"]
-            zero_std = (rewards.view(-1, cfg.group_size, *rewards.shape[1:]).std(dim=1) == 0).float().mean()
-            row = {"step": step + 1, "iteration": it, "loss": total.item(), "grad_norm": grad_norm,
-                   "lr": optimizer.param_groups[0]["lr"],
-                   **{f"reward/rank_{k}": rel[:, k - 1].mean().item() for k in LOGGED_RANKS if k <= cfg.n_items},
-                   "reward/rank_mean": rel.mean(0).tolist(),
-                   "reward/dcg": sequence_dcg(rel).mean().item(), "reward/dcg_std": sequence_dcg(rel).std().item(),
-                   "reward/zero_std_frac": zero_std.item(),
-                   "entropy": sum(entropies) / max(mask.sum().item(), 1),
-                   "items_emitted": float(np.mean(scored["n_lines"])), "parse_rate": float(np.mean(scored["parse_rate"])),
-                   "in_catalog": float(np.mean(scored["in_catalog"])),
-                   "ended_with_eos": rollout.ended_with_eos.float().mean().item(),
-                   "completion_tokens": rollout.lengths.float().mean().item(),
-                   **{k: v for k, v in _mean_metrics(step_metrics).items() if k not in ("loss",)},
-                   "time/sample": t_sample - t_start, "time/score": t_score - t_sample, "time/ref": t_ref - t_score,
-                   "time/update": t_end - t_ref, "time/policy_forward": t_forward,
+            row = {"step": step + 1, "iteration": it, "loss": m.pop("loss"), "grad_norm": m.pop("grad_norm"),
+                   "lr": optimizer.param_groups[0]["lr"], **listing, **m,
+                   "time/sample": t_sample - t_start, **batch.times, "time/update": t_end - t_update,
                    "samples_per_s": rollout.num_rows / (t_end - t_start)}
             append_jsonl(log_path, row)
         step += 1

@@ -1,0 +1,214 @@
+"""One Rank-GRPO / GRPO / GSPO step after sampling, as functions a test can call without a subprocess.
+
+``train_rankgrpo.py`` is the loop around these; in order (PAPER.md section 6):
+
+  2. ``score_rollout``   one decode and one parse per completion -> rel [B, N] (the reward's rule, §6.1)
+  3. ``advantages_for``  per-rank causal returns normalised over each prompt's G samples (Rank-GRPO),
+                         or DCG@N normalised over G (GRPO / GSPO)
+  4. ``prepare_batch``   token -> rank ids from the same parse, the <eos> index, the loss denominator,
+                         micro-batches and the frozen reference's log-probs
+  5. ``update_pass``     one optimiser step on the batch; mu = 2 calls it twice, and the second pass
+                         reuses the behaviour log-probs stored by the first
+
+Rows of a rollout are prompt-major: row b belongs to prompt b // G (``Rollout.prompt_index``).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from rankgrpo.catalog import Catalog
+from rankgrpo.losses import (eos_positions, grpo_loss, group_advantages, gspo_loss, loss_denominator,
+                             rank_grpo_loss)
+from rankgrpo.metrics import in_catalog_ratio
+from rankgrpo.parsing import parse_recommendations
+from rankgrpo.rewards import causal_returns, rank_relevance, sequence_dcg
+from rankgrpo.sampling import Rollout, token_logprobs
+from rankgrpo.segment import decode_completion, token_ranks
+
+LOGGED_RANKS = (1, 2, 5, 10, 15, 20)
+
+
+def score_rollout(rollout: Rollout, examples: Sequence, tokenizer, catalog: Catalog, *, n_items: int,
+                  year_tolerance: int) -> dict:
+    """Stage 2: decode once, parse once, relevance per rank.
+
+    ``examples[rollout.prompt_index[b]]`` is row b's example. Returns ``texts`` (B strings),
+    ``rel`` [B, N] float32 (rel_k of §6.1: 1 for a hit at rank k, else 0), and per-row list stats
+    ``n_lines``, ``parse_rate``, ``in_catalog``."""
+    texts, rel, n_lines, parse_rate, in_cat = [], [], [], [], []
+    for row in range(rollout.num_rows):
+        n = int(rollout.lengths[row])
+        text = decode_completion(rollout.completion_ids[row, :n].tolist(), tokenizer)
+        items = parse_recommendations(text)
+        ex = examples[int(rollout.prompt_index[row])]
+        rel.append(rank_relevance(items, ex.groundtruth, ex.seen_titles, catalog, n_items=n_items,
+                                  year_tolerance=year_tolerance))
+        texts.append(text)
+        n_lines.append(len(items))
+        parse_rate.append(sum(it.valid for it in items) / len(items))
+        in_cat.append(in_catalog_ratio(items, catalog, year_tolerance=year_tolerance, n_items=n_items))
+    return {"texts": texts, "rel": torch.tensor(np.stack(rel), dtype=torch.float32),
+            "n_lines": n_lines, "parse_rate": parse_rate, "in_catalog": in_cat}
+
+
+def advantages_for(rel: torch.Tensor, cfg, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 3: (rewards, advantages) from rel [B, N], B = prompts x G, prompt-major.
+
+    Rank-GRPO (``cfg.algo == "rank_grpo"``): rewards = causal returns [B, N] (Eq. 8 / 9, ``cfg.reward``),
+    advantages normalised per rank over each prompt's G samples (§6.6) -> [B, N].
+    GRPO / GSPO: rewards = DCG@N [B] (Eq. 3), normalised over G -> [B].
+
+    Example (exp_inf, G = 2, N = 2): rel [[1, 0], [0, 0]] -> returns equal rel; rank 1 has mean 0.5 and
+    std 0.707 over the group, so advantages [[+0.707, 0], [-0.707, 0]] (a rank with zero spread gets 0)."""
+    if cfg.algo == "rank_grpo":
+        rewards = causal_returns(rel, cfg.reward, cfg.gamma or None)
+        adv = group_advantages(rewards.view(-1, group_size, rel.shape[-1])).view_as(rewards)
+    else:
+        rewards = sequence_dcg(rel)
+        adv = group_advantages(rewards.view(-1, group_size)).view(-1)
+    return rewards, adv
+
+
+def policy_loss(cfg, logp, old_logp, ref_logp, rank_ids, mask, adv, eos_index, denom):
+    """Stage 5's loss for the chosen algorithm (all pure functions of ``rankgrpo.losses``).
+    logp / old_logp / ref_logp / rank_ids / mask: [b, T]; adv: [b, N] (rank_grpo) or [b]; eos_index: [b]."""
+    if cfg.algo == "rank_grpo":
+        return rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, adv, eps_low=cfg.eps_low,
+                              eps_high=cfg.eps_high, beta=cfg.beta, aggregation=cfg.aggregation,
+                              overflow_penalty=cfg.overflow_penalty, early_stop_penalty=cfg.early_stop_penalty,
+                              eos_index=eos_index, denom=denom)
+    fn = grpo_loss if cfg.algo == "grpo" else gspo_loss
+    return fn(logp, old_logp, ref_logp, mask, adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+              denom=denom)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock stage timings are honest (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class RLBatch:
+    """Everything the update needs from one rollout, on the training device.
+
+    rank_ids / mask: [B, T]; eos_index: [B] (-1 where the row did not end with eos); adv: [B, N] or [B];
+    rewards: the un-normalised returns; denom: the loss denominator of the aggregation (global over B);
+    micro: row-index tensors of the micro-batches; ref_logp / old_logp: one [b, T] tensor per
+    micro-batch (old_logp is filled by the first ``update_pass``; None until then)."""
+
+    rollout: Rollout
+    scored: dict
+    rewards: torch.Tensor
+    adv: torch.Tensor
+    rank_ids: torch.Tensor
+    mask: torch.Tensor
+    eos_index: torch.Tensor
+    denom: torch.Tensor | float
+    micro: list[torch.Tensor]
+    ref_logp: list[torch.Tensor | None]
+    old_logp: list[torch.Tensor | None] = field(default_factory=list)
+    times: dict = field(default_factory=dict)
+
+
+def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Catalog, cfg, *,
+                  reference=None, autocast: Callable = contextlib.nullcontext) -> RLBatch:
+    """Stages 2-4 and the reference log-probs (once per batch, before any update)."""
+    dev = torch.device(cfg.device)
+    t0 = time.perf_counter()
+    scored = score_rollout(rollout, examples, tokenizer, catalog, n_items=cfg.n_items,
+                           year_tolerance=cfg.year_tolerance)
+    rewards, adv = advantages_for(scored["rel"], cfg, cfg.group_size)
+    rank_ids = token_ranks(rollout.completion_ids, rollout.completion_mask, tokenizer).to(dev)
+    mask = rollout.completion_mask.to(dev)
+    eos_index = eos_positions(rollout.lengths, rollout.ended_with_eos).to(dev)
+    agg = cfg.aggregation if cfg.algo == "rank_grpo" else "sequence_mean"
+    denom = loss_denominator(agg, mask, cfg.n_items if cfg.algo == "rank_grpo" else 1)
+    t1 = time.perf_counter()
+    micro = [torch.arange(i, min(i + cfg.micro_batch_size, rollout.num_rows))
+             for i in range(0, rollout.num_rows, cfg.micro_batch_size)]
+    ref_logp: list[torch.Tensor | None] = [None] * len(micro)
+    if reference is not None:
+        with torch.no_grad(), autocast():
+            for j, rows in enumerate(micro):
+                ids, attn, start = rollout.model_inputs(rows)
+                ref_logp[j] = token_logprobs(reference, ids.to(dev), attn.to(dev), start, cfg.temperature).float()
+    sync(dev)
+    t2 = time.perf_counter()
+    return RLBatch(rollout=rollout, scored=scored, rewards=rewards, adv=adv.to(dev), rank_ids=rank_ids, mask=mask,
+                   eos_index=eos_index, denom=denom, micro=micro, ref_logp=ref_logp, old_logp=[None] * len(micro),
+                   times={"time/score": t1 - t0, "time/ref": t2 - t1})
+
+
+def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int = 0,
+                autocast: Callable = contextlib.nullcontext) -> dict:
+    """Stage 5, one optimiser step over all micro-batches of ``batch``.
+
+    The first call stores the behaviour log-probs (the current policy's, detached) in
+    ``batch.old_logp``, so its ratios are exactly 1; a second call (mu = 2) reuses them.
+    The loss of each micro-batch is already divided by the global denominator, so the summed
+    gradients equal the gradient of the whole batch's loss. Returns the pass's metrics
+    (loss, grad_norm, entropy, the loss function's metrics averaged over micro-batches)."""
+    dev = torch.device(cfg.device)
+    optimizer.zero_grad(set_to_none=True)
+    step_metrics, entropy_sum = [], 0.0
+    total = torch.zeros((), device=dev)
+    t_forward = 0.0  # policy forward passes, split out of the update time for the speed breakdown
+    for j, rows in enumerate(batch.micro):
+        ids, attn, start = batch.rollout.model_inputs(rows)
+        t0 = time.perf_counter()
+        with autocast():
+            logp, ent = token_logprobs(model, ids.to(dev), attn.to(dev), start, cfg.temperature,
+                                       return_entropy=True)
+        logp = logp.float()
+        sync(dev)
+        t_forward += time.perf_counter() - t0
+        if batch.old_logp[j] is None:  # first pass: the behaviour policy is the current one
+            batch.old_logp[j] = logp.detach()
+        loss, m = policy_loss(cfg, logp, batch.old_logp[j], batch.ref_logp[j], batch.rank_ids[rows],
+                              batch.mask[rows], batch.adv[rows], batch.eos_index[rows], batch.denom)
+        loss.backward()
+        total += loss.detach()
+        step_metrics.append(m)
+        entropy_sum += (ent.float() * batch.mask[rows]).sum().item()
+    if guard is None or guard.ok(total, step):
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        grad_norm = float("nan")
+    sync(dev)
+    return {"loss": total.item(), "grad_norm": grad_norm,
+            "entropy": entropy_sum / max(batch.mask.sum().item(), 1),
+            **{k: v for k, v in _mean_metrics(step_metrics).items() if k != "loss"},
+            "time/policy_forward": t_forward}
+
+
+def rollout_metrics(batch: RLBatch, group_size: int, n_items: int) -> dict:
+    """Rewards per rank and list statistics of one rollout, for the log."""
+    rel, rewards, ro = batch.scored["rel"], batch.rewards, batch.rollout
+    zero_std = (rewards.view(-1, group_size, *rewards.shape[1:]).std(dim=1) == 0).float().mean()
+    dcg = sequence_dcg(rel)
+    return {**{f"reward/rank_{k}": rel[:, k - 1].mean().item() for k in LOGGED_RANKS if k <= n_items},
+            "reward/rank_mean": rel.mean(0).tolist(),
+            "reward/dcg": dcg.mean().item(), "reward/dcg_std": dcg.std().item(),
+            "reward/zero_std_frac": zero_std.item(),
+            "items_emitted": float(np.mean(batch.scored["n_lines"])),
+            "parse_rate": float(np.mean(batch.scored["parse_rate"])),
+            "in_catalog": float(np.mean(batch.scored["in_catalog"])),
+            "ended_with_eos": ro.ended_with_eos.float().mean().item(),
+            "completion_tokens": ro.lengths.float().mean().item()}
+
+
+def _mean_metrics(rows: list[dict]) -> dict:
+    out = {}
+    for k in rows[0]:
+        if isinstance(rows[0][k], (int, float)):
+            out[k] = float(np.mean([r[k] for r in rows]))
+    return out
