@@ -383,3 +383,40 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--write-fixture"]:
         write_fixture()
         print(f"wrote {FIXTURE}")
+
+
+# ============================================================================ the script
+
+
+def run_evaluate(*args):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(root / "evaluate.py"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_script_defaults_to_the_paper_protocol(tmp_path):
+    data = json.loads(FIXTURE.read_text())
+    rows = data["rows"]
+    (tmp_path / "catalog.jsonl").write_text(
+        "".join(json.dumps({"title": t, "year": y}, ensure_ascii=False) + "\n" for t, y in data["catalog"]))
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(
+        {"id": r["id"], "prompt": "p", "seen_titles": r["seen_titles"],
+         "groundtruth_with_release_year": r["groundtruth"], "completion": r["completion"]}, ensure_ascii=False)
+        + "\n" for r in rows))
+    common = ["--data", tmp_path / "data.jsonl", "--catalog", tmp_path / "catalog.jsonl",
+              "--predictions-from-field", "completion"]
+    means = {}
+    for protocol in ("", "paper", "lenient"):
+        out = tmp_path / (protocol or "default")
+        res = run_evaluate(*common, "--out", out, *(["--protocol", protocol] if protocol else []))
+        assert res.returncode == 0, res.stderr
+        assert f"protocol={protocol or 'paper'}" in res.stdout
+        means[protocol] = json.loads((out / "results.json").read_text())["results"]["ndcg@20"]["mean"]
+    expected = sum(r["expected"]["ndcg@20"] for r in rows) / len(rows)
+    assert means[""] == means["paper"] == pytest.approx(expected, abs=1e-12)
+    assert means["lenient"] != pytest.approx(means["paper"], abs=1e-3)  # the option changes the scoring
+    bad = run_evaluate(*common, "--stop-after-items", 20)
+    assert bad.returncode != 0 and "--stop-after-items" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -10,7 +10,8 @@ from rankgrpo.models import tiny_model
 from rankgrpo.sampling import sample
 from rankgrpo.stopping import ItemLineCounter, NewlineCounter, count_item_lines
 
-PIECES = ["a", " b", "\n", "\n\n", "x\n", "\ny", " \n ", "p\n\nq", "", "  ", "1.", " (1995)", "\n \n", "z\n\n"]
+PIECES = ["a", " b", "\n", "\n\n", "x\n", "\ny", " \n ", "p\n\nq", "", "  ", "1.", " (1995)", "\n \n", "z\n\n",
+          "\nmid\n", "a\nb\nc"]
 
 
 def run_counter(counter, ids):
@@ -94,3 +95,36 @@ def test_sampler_stops_after_n_lines_with_text(arch):
     assert built.newlines.shape == (vocab + 3,) and not built.newlines[vocab:].any()
     for name in ("newlines", "head", "inner", "tail"):
         assert torch.equal(getattr(built, name)[:vocab], getattr(counter, name)), name
+
+
+def test_greedy_evaluation_stops_on_lines_with_text(monkeypatch):
+    """greedy_completions wires the text-line counter into the sampler (blank lines never count)."""
+    from rankgrpo import training
+    from rankgrpo.data import Example
+
+    vocab = 64
+    model = tiny_model("qwen2", vocab, initializer_range=0.5, seed=1)
+    blanks = ["\n", "\n\n", " \n", "\n ", "\t\n", "\n\t", "  \n", "\n  ", "\n\n\n"]
+    tok = word_tokenizer(["<eos>"] + blanks + [f"w{i}\n" for i in range(10, 15)] + [f"w{i}" for i in range(15, vocab)])
+    # no chat template on this tokenizer: prompts are given as ids
+    monkeypatch.setattr(training, "chat_prompt_ids", lambda tokenizer, ex: [15 + int(ex.id), 3, 40 - int(ex.id)])
+    examples = [Example(id=str(i), messages=[{"role": "user", "content": f"p{i}"}], seen_titles=[], groundtruth=[])
+                for i in range(12)]
+    texts = training.greedy_completions(model, tok, examples, max_new_tokens=80, stop_after_items=3)
+    counts = [count_item_lines(t) for t in texts]
+    assert max(counts) == 3
+    assert any(c == 3 and t.count("\n") > 3 for c, t in zip(counts, texts)), texts
+
+
+def test_validation_leaves_room_for_filtered_items(monkeypatch):
+    from rankgrpo import training
+
+    seen = {}
+
+    def fake_greedy(model, tokenizer, examples, **kwargs):
+        seen.update(kwargs)
+        return ["" for _ in examples]
+
+    monkeypatch.setattr(training, "greedy_completions", fake_greedy)
+    training.validate_generation(None, None, [], None, max_new_tokens=1024, n_items=20)
+    assert seen["stop_after_items"] == 30 and seen["max_new_tokens"] == 1024
