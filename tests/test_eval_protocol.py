@@ -201,7 +201,7 @@ def write_fixture() -> None:
 from rankgrpo.catalog import Catalog, CatalogItem, load_catalog  # noqa: E402
 from rankgrpo.data import example_from_json, load_examples  # noqa: E402
 from rankgrpo.evaluation import score_examples  # noqa: E402
-from rankgrpo.metrics import hits, in_catalog_ratio, ndcg_at_k, recall_at_k, score_completion  # noqa: E402
+from rankgrpo.metrics import hits, in_catalog_ratio, ndcg_at_k, score_completion  # noqa: E402
 from rankgrpo.parsing import parse_recommendations  # noqa: E402
 
 METRICS = [f"recall@{k}" for k in KS] + [f"ndcg@{k}" for k in KS] + ["in_catalog"]
