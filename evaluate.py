@@ -10,6 +10,13 @@ Three ways in (PAPER.md section 8):
     # several finished evaluations in one table (and one per-rank hit plot with --plot)
     python evaluate.py --compare runs/eval/sft runs/eval/rl --plot --out runs/eval
 
+Scoring (--protocol): "paper" (default) is the authors' evaluate_direct_match exactly (PAPER.md 8.4):
+seen titles removed by exact string, the catalog filter on the exact (title, year) pair, hits by exact,
+case-sensitive titles within 2 years, the authors' IDCG, and the in-catalog ratio of PAPER.md 8.5.
+"lenient" matches the way the training reward does (case-folded titles, year-tolerant catalog, one-to-one
+matching) with the textbook IDCG. Generation (--model) is greedy until <eos> or --max-new-tokens (the
+paper: 1,024); --stop-after-items N also stops a list after N lines with text (give N > --n-items).
+
 With --out DIR: DIR/results.json (config, aggregate with standard errors, per-rank hit curve) and
 DIR/examples.jsonl (id, completion, per-example metrics). --plot also writes PNGs: the per-rank hit
 curve, and the training curves of every --train-log (per-rank reward and validation NDCG@20).
@@ -44,14 +51,21 @@ class EvaluateConfig:
     out: str = arg("", "Write results.json and examples.jsonl (and PNGs with --plot) into this directory.")
     json: str = arg("", "Also write the aggregate numbers to this JSON file.")
     limit: int = arg(0, "Score only the first LIMIT examples (0: all).")
+    protocol: str = arg("paper", "'paper': the authors' evaluate_direct_match exactly (exact titles, exact "
+                                 "(title, year) catalog filter, their IDCG; PAPER.md 8.4-8.5); 'lenient': "
+                                 "the reward's matching (case-folded titles, year-tolerant catalog) and the "
+                                 "textbook IDCG.", choices=["paper", "lenient"])
     positions: str = arg("shift", "'shift': drop seen/out-of-catalog items then cut at k (the authors' "
                                   "evaluation); 'fixed': items keep their generated rank.",
                          choices=["shift", "fixed"])
-    ideal: str = arg("standard", "IDCG: 'standard' = over min(|GT|, k); 'official' = the authors' quirk "
-                                 "(capped by the filtered list's length).", choices=["standard", "official"])
     year_tolerance: int = arg(2, "A recommendation's year may differ from the ground truth's by this much.")
     n_items: int = arg(20, "List length N (the per-rank curve and format ratio use the first N lines).")
-    max_new_tokens: int = arg(300, "Generation budget per list (the paper's eval allows 1024).")
+    max_new_tokens: int = arg(1024, "Greedy generation budget per list; a list ends at <eos> or here "
+                                    "(the paper: 1024).")
+    stop_after_items: int = arg(0, "Also stop a list once it has this many lines with text (blank lines do "
+                                   "not count). 0: off, as in the paper. Must exceed --n-items: filtered "
+                                   "items (seen, out-of-catalog, repeated, a preamble) leave room for later "
+                                   "ones; e.g. 30 for N = 20.")
     batch_size: int = arg(64, "Unique prompts per generation batch.")
     device: str = arg("", "Device for generation (default: cuda if available, else cpu).")
     dtype: str = arg("float32", "Model dtype for generation (bfloat16 on GPUs).")
@@ -63,6 +77,11 @@ class EvaluateConfig:
         if sources != 1:
             raise SystemExit("evaluate.py: give exactly one of --model, --predictions, --predictions-from-field, "
                              "--compare")
+        if self.max_new_tokens < 1:
+            raise SystemExit(f"evaluate.py: --max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.stop_after_items and self.stop_after_items <= self.n_items:
+            raise SystemExit(f"evaluate.py: --stop-after-items must be 0 (off) or more than --n-items "
+                             f"({self.n_items}) to leave room for filtered items, got {self.stop_after_items}")
 
 
 def _results_path(p: str) -> Path:
@@ -109,7 +128,8 @@ def generate(cfg: EvaluateConfig, examples) -> list[str]:
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
     check_tokenizer_matches(model, tokenizer, cfg.model)
     return greedy_completions(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
-                              batch_size=cfg.batch_size, n_items=cfg.n_items, progress=True)
+                              batch_size=cfg.batch_size, stop_after_items=cfg.stop_after_items or None,
+                              progress=True)
 
 
 def main(argv=None) -> int:
@@ -135,9 +155,10 @@ def main(argv=None) -> int:
         return 2
     if catalog.report.dropped:
         print(f"catalog: {catalog.report.summary()}", file=sys.stderr)
-    agg, rows = score_examples(examples, completions, catalog, positions=cfg.positions, ideal=cfg.ideal,
+    agg, rows = score_examples(examples, completions, catalog, positions=cfg.positions, protocol=cfg.protocol,
                                year_tolerance=cfg.year_tolerance, n_items=cfg.n_items)
-    print(f"{len(examples)} examples, {len(catalog)} catalog items, positions={cfg.positions}, ideal={cfg.ideal}")
+    print(f"{len(examples)} examples, {len(catalog)} catalog items, protocol={cfg.protocol}, "
+          f"positions={cfg.positions}")
     print(format_table({cfg.name: agg}))
     curve = agg.get("rank_hit_rate", [])
     print("hit rate by rank: " + " ".join(f"{h:.3f}" for h in curve))

@@ -115,7 +115,13 @@ class Catalog:
         self.report = report or CatalogReport()
         self._by_key: dict[tuple[str, int], int] = {}
         self._by_title: dict[str, list[int]] = {}
+        # The authors' evaluation looks up raw strings (PAPER.md 8.4, 8.5); these sets hold every
+        # loaded row, also the case variants that the normalised index keeps only once.
+        self._exact: set[tuple[str, int]] = set()
+        self._years_by_lower: dict[str, set[int]] = {}
         for item in items:
+            self._exact.add((item.title, item.year))
+            self._years_by_lower.setdefault(item.title.lower(), set()).add(item.year)
             key = (normalize_title(item.title), item.year)
             if key in self._by_key:
                 self.report.drop("duplicate", str(item))
@@ -151,6 +157,22 @@ class Catalog:
             if idx is not None:
                 return idx
         return None
+
+    def contains_exact(self, title: str, year: int | None) -> bool:
+        """The authors' catalog filter (PAPER.md 8.4): the exact ``(title, int year)`` tuple is a row.
+
+        No normalisation, no year tolerance: ``("heat", 1995)`` and ``("Heat", 1996)`` are not
+        ``("Heat", 1995)``. Titles are compared as loaded (rows are stripped of surrounding space).
+        """
+        return year is not None and (title, year) in self._exact
+
+    def contains_lowercase(self, title: str, year: int | None, tolerance: int = 2) -> bool:
+        """The authors' in-catalog test (PAPER.md 8.5): ``title.lower()`` equals a lower-cased
+        catalog title whose year is within ``tolerance``."""
+        if year is None:
+            return False
+        years = self._years_by_lower.get(title.lower(), ())
+        return any(abs(year - y) <= tolerance for y in years)
 
     def contains(self, title: str, year: int | None, tolerance: int = 0) -> bool:
         return self.lookup(title, year, tolerance) is not None

@@ -58,13 +58,19 @@ def load_predictions(path: str | Path, examples: Sequence[Example]) -> list[str]
 
 
 def score_examples(examples: Sequence[Example], completions: Sequence[str], catalog: Catalog, *,
-                   ks: Sequence[int] = KS, positions: str = "shift", ideal: str = "standard",
+                   ks: Sequence[int] = KS, positions: str = "shift", protocol: str = "paper",
                    year_tolerance: int = 2, n_items: int = 20) -> tuple[dict, list[dict]]:
-    """Parse and score every completion once. Returns (aggregate, per-example rows)."""
+    """Parse and score every completion once. Returns (aggregate, per-example rows).
+
+    protocol="paper" (default): the authors' ``evaluate_direct_match`` and in-catalog ratio
+    (PAPER.md 8.4, 8.5); "lenient": the reward's matching with the textbook IDCG
+    (``rankgrpo.metrics``). Every parsed line counts, also those past ``n_items``: filtered
+    items make room for later ones, as in the authors' evaluation.
+    """
     rows = []
     for ex, comp in zip(examples, completions, strict=True):
         items = parse_recommendations(comp)
         row = score_completion(items, ex.groundtruth, ex.seen_titles, catalog, ks=ks, positions=positions,
-                               ideal=ideal, year_tolerance=year_tolerance, n_items=n_items)
+                               protocol=protocol, year_tolerance=year_tolerance, n_items=n_items)
         rows.append({"id": ex.id, "completion": comp, **row})
     return aggregate([{k: v for k, v in r.items() if k not in ("id", "completion")} for r in rows]), rows

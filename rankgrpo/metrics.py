@@ -1,25 +1,50 @@
 """Relevance hits, Recall@k, NDCG@k, in-catalog and format-valid ratios (PAPER.md sections 6.1, 8).
 
-Two views of the same matching rule:
+Two protocols (``protocol=``), i.e. two rules for which recommendation hits which ground truth:
 
-* ``positions="shift"`` -- the authors' evaluation (``evaluate_direct_match``): drop
-  unparseable, seen and out-of-catalog items, let the list shift up, then cut at k.
-* ``positions="fixed"`` -- every item keeps its generated rank; seen, out-of-catalog,
-  unparseable and repeated items score 0. This is what the per-rank reward uses
-  (``rankgrpo.rewards.rank_relevance``).
+``"paper"`` (the default) -- the authors' ``evaluate_direct_match`` exactly (PAPER.md 8.4):
 
-Matching (both views): one-to-one. Items are visited in rank order; an item hits the
-first not-yet-consumed ground truth with the same normalised title (``normalize_title``)
-whose year is within ``year_tolerance`` (exact year tried first, then +1, -1, +2, -2),
-and consumes it. A repeated recommendation of a matched film therefore scores 0.
+1. only parsed items count (a line with a title and a "(YYYY)");
+2. seen removal: the title string is exactly one of ``seen_titles``;
+3. catalog filter: the exact ``(title, int year)`` tuple is a catalog row (no case folding,
+   no year tolerance);
+4. the survivors shift up; then, for each ground truth in its order, the **first** survivor
+   with an identical, case-sensitive title and ``|year difference| <= year_tolerance`` (2)
+   is marked 1, whether or not it is already marked;
+5. IDCG is the authors' (``ideal="official"``): capped by the length of the filtered list.
 
-Deliberate differences from the authors' code (PAPER.md 8.6, 12.4), chosen so that
-reward and evaluation agree: titles match after normalisation (casefold, NFKC,
-whitespace) everywhere, including the seen filter; catalog membership uses the same
-year tolerance as the ground-truth match. ``ideal="official"`` reproduces the
-authors' IDCG quirk.
+   Consequences, all the authors' behaviour: there is no exact-year preference (rank order
+   decides), a position can absorb several ground truths, and a ground truth never moves on
+   to a later copy of the same film. So two copies of a film in the list give one hit, and a
+   film listed twice in the ground truth also gives one hit (Recall counts it once in the
+   numerator, twice in the denominator). Recall's denominator is every ground truth,
+   including those outside the catalog. An empty filtered list scores 0.
 
-Worked example (k = 5, ground truth {Heat 1995, Alien 1979}, seen {Ran})::
+``"lenient"`` -- the same list, matched the way the training reward matches:
+
+* titles compared after ``normalize_title`` (casefold, NFKC, whitespace), also in the seen
+  filter; the catalog filter is ``Catalog.lookup`` (normalised title, year within tolerance);
+* one-to-one: items are visited in rank order; each takes the first not-yet-consumed ground
+  truth with its title whose year is the exact year, then +1, -1, +2, -2 (``year_offsets``);
+* the textbook IDCG over min(|GT|, k) positions (``ideal="standard"``).
+
+Dune example (ground truth [Dune 1984, Dune 1986], list [Dune 1985, Dune 1987], both in the
+catalog): paper -> [1, 0] (both ground truths mark the first Dune, the first within 2 years
+of each); lenient -> [1, 0] (Dune 1985 takes Dune 1986 (+1 before -1); Dune 1987 finds 1986
+consumed and 1985 (-2) absent). If the years were tried lowest first, lenient would give
+[1, 1]. They differ for [Dune 1985, Dune 1984] against [Dune 1984, Dune 1985]: paper [1, 0]
+(the first Dune absorbs both), lenient [1, 1].
+
+Two position views:
+
+* ``positions="shift"`` -- the evaluation: drop unparseable, seen and out-of-catalog items, let
+  the list shift up, then cut at k. Hits ``[len(kept list)]``.
+* ``positions="fixed"`` -- every item keeps its generated rank; dropped items score 0 in
+  place. ``protocol="lenient"`` at fixed positions is the training reward's rule
+  (``rankgrpo.rewards.rank_relevance``, PAPER.md 6.1); ``protocol="paper"`` gives the
+  per-rank hit curve under the authors' rule. Hits ``[len(recs)]``.
+
+Worked example (k = 5, ground truth {Heat 1995, Alien 1979}, seen {Ran}, either protocol)::
 
     line                      fixed   shift list      shift hit
     1. Heat (1995)            1       Heat (1995)     1
@@ -30,7 +55,7 @@ Worked example (k = 5, ground truth {Heat 1995, Alien 1979}, seen {Ran})::
 
     Recall@5 = 2/2 = 1 in both views.
     shift NDCG@5 = (1 + 1/log2(3)) / (1 + 1/log2(3)) = 1
-    fixed NDCG@5 = (1 + 1/log2(5)) / (1 + 1/log2(3)) = 1.4307 / 1.6309 = 0.8772
+    fixed NDCG@5 (standard IDCG) = (1 + 1/log2(5)) / (1 + 1/log2(3)) = 1.4307 / 1.6309 = 0.8772
 """
 from __future__ import annotations
 
@@ -44,6 +69,14 @@ from rankgrpo.catalog import Catalog, normalize_title, year_offsets
 from rankgrpo.parsing import Item
 
 KS = (5, 10, 15, 20)
+PROTOCOLS = ("paper", "lenient")
+# The IDCG each protocol uses (see ``ndcg_at_k``).
+IDEAL_OF_PROTOCOL = {"paper": "official", "lenient": "standard"}
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
 
 
 def _as_pairs(recs: Iterable[Item | Sequence]) -> list[tuple[str, int | None, bool]]:
@@ -60,23 +93,51 @@ def _as_pairs(recs: Iterable[Item | Sequence]) -> list[tuple[str, int | None, bo
 
 
 def hits(recs, groundtruth, seen_titles, catalog: Catalog, *, year_tolerance: int = 2,
-         positions: str = "shift") -> np.ndarray:
-    """0/1 relevance of each recommendation.
+         positions: str = "shift", protocol: str = "paper") -> np.ndarray:
+    """0/1 relevance of each recommendation (see the module docstring for both protocols).
 
     recs:        Items from ``parse_recommendations`` or (title, year) pairs, in rank order.
-    groundtruth: [(title, year)] (a multiset; each entry can be hit once).
+    groundtruth: [(title, year)] in the data's order (a multiset).
     seen_titles: titles the user already mentioned (no years).
     Returns ``int64 [len(recs)]`` for ``"fixed"``, ``[len(kept list)]`` for ``"shift"``.
     """
     if positions not in ("shift", "fixed"):
         raise ValueError(f"positions must be 'shift' or 'fixed', got {positions!r}")
+    check_protocol(protocol)
+    pairs = _as_pairs(recs)
+    if protocol == "paper":
+        return _paper_hits(pairs, groundtruth, seen_titles, catalog, year_tolerance, positions)
+    return _lenient_hits(pairs, groundtruth, seen_titles, catalog, year_tolerance, positions)
+
+
+def _paper_hits(pairs, groundtruth, seen_titles, catalog: Catalog, year_tolerance: int, positions: str):
+    """``evaluate_direct_match``'s hit vector (PAPER.md 8.4 steps 1-5)."""
+    seen = set(seen_titles)
+    kept = [i for i, (title, year, parsed) in enumerate(pairs)
+            if parsed and title not in seen and catalog.contains_exact(title, year)]
+    marked = np.zeros(len(kept), dtype=np.int64)
+    for gt_title, gt_year in groundtruth:
+        for j, i in enumerate(kept):
+            title, year, _ = pairs[i]
+            if title == gt_title and abs(int(gt_year) - year) <= year_tolerance:
+                marked[j] = 1
+                break
+    if positions == "shift":
+        return marked
+    out = np.zeros(len(pairs), dtype=np.int64)
+    out[kept] = marked
+    return out
+
+
+def _lenient_hits(pairs, groundtruth, seen_titles, catalog: Catalog, year_tolerance: int, positions: str):
+    """Normalised titles, year-tolerant catalog, one-to-one matching with the exact year first."""
     seen = {normalize_title(s) for s in seen_titles}
     remaining: dict[tuple[str, int], int] = defaultdict(int)
     for title, year in groundtruth:
         remaining[(normalize_title(title), int(year))] += 1
 
     out = []
-    for title, year, parsed in _as_pairs(recs):
+    for title, year, parsed in pairs:
         norm = normalize_title(title)
         keep = parsed and norm not in seen and catalog.lookup(title, year, year_tolerance) is not None
         if not keep:
@@ -110,10 +171,17 @@ def dcg_at_k(hits: np.ndarray, k: int) -> float:
 def ndcg_at_k(hits: np.ndarray, n_groundtruth: int, k: int, ideal: str = "standard") -> float:
     """NDCG@k = DCG@k / IDCG@k.
 
-    ideal="standard": IDCG over min(|GT|, k) positions (the textbook definition).
-    ideal="official": the authors' quirk: the ideal list has the length of ``hits`` (the
-    filtered list), its first min(|GT|, len) entries 1, cut at min(k, len) -- a short
-    filtered list gets a smaller IDCG. An empty list scores 0 in both.
+    ideal="standard": IDCG over min(|GT|, k) positions (the textbook definition; the lenient
+    protocol).
+    ideal="official": the authors' ``ndcg_at_k`` (the paper protocol): the ideal list has the
+    length of ``hits`` (the filtered list), its first min(|GT|, len) entries 1, cut at
+    min(k, len) -- a short filtered list gets a smaller IDCG. An empty list scores 0 in both.
+    No ground truth scores 0 (the authors' code would divide by zero).
+
+    Example (|GT| = 3, filtered list of 2 with hits [0, 1], k = 5):
+    official IDCG = 1 + 1/log2(3) (two ideal slots), NDCG = 0.6309 / 1.6309 = 0.3869;
+    standard IDCG = 1 + 1/log2(3) + 1/log2(4) = 2.1309, NDCG = 0.2961.
+    ``score_completion`` picks ``ideal`` from the protocol (``IDEAL_OF_PROTOCOL``).
     """
     h = np.asarray(hits)
     if n_groundtruth <= 0 or (ideal == "official" and len(h) == 0):
@@ -129,14 +197,24 @@ def ndcg_at_k(hits: np.ndarray, n_groundtruth: int, k: int, ideal: str = "standa
 
 
 def in_catalog_ratio(items: Sequence[Item], catalog: Catalog, *, year_tolerance: int = 2,
-                     n_items: int = 20) -> float:
-    """Share of the parsed items among the first ``n_items`` lines that resolve to a catalog item
-    (normalised title, year within tolerance). Unparseable lines are not in the denominator;
-    0 when nothing parsed (PAPER.md 8.5)."""
-    parsed = [it for it in items[:n_items] if it.valid]
-    if not parsed:
-        return 0.0
-    return sum(catalog.lookup(it.title, it.year, year_tolerance) is not None for it in parsed) / len(parsed)
+                     n_items: int = 20, protocol: str = "paper") -> float:
+    """Share of parsed items that are catalog items; 0 when nothing parsed (PAPER.md 8.5).
+
+    protocol="paper": the authors' eval scripts -- the first ``n_items`` *parsed* items, each
+    in the catalog when its lower-cased title equals a lower-cased catalog title whose year is
+    within ``year_tolerance`` (``Catalog.contains_lowercase``).
+    protocol="lenient": the parsed items among the first ``n_items`` *lines*, looked up with
+    ``Catalog.lookup`` (normalised title, year within tolerance).
+    Unparseable lines are never in the denominator.
+    """
+    check_protocol(protocol)
+    if protocol == "paper":
+        parsed = [it for it in items if it.valid][:n_items]
+        found = [catalog.contains_lowercase(it.title, it.year, year_tolerance) for it in parsed]
+    else:
+        parsed = [it for it in items[:n_items] if it.valid]
+        found = [catalog.lookup(it.title, it.year, year_tolerance) is not None for it in parsed]
+    return sum(found) / len(parsed) if parsed else 0.0
 
 
 def format_valid_ratio(items: Sequence[Item], *, n_items: int = 20) -> float:
@@ -150,21 +228,27 @@ def format_valid_ratio(items: Sequence[Item], *, n_items: int = 20) -> float:
 
 def score_completion(items: Sequence[Item], groundtruth, seen_titles, catalog: Catalog, *,
                      ks: Sequence[int] = KS, year_tolerance: int = 2, positions: str = "shift",
-                     ideal: str = "standard", n_items: int = 20) -> dict:
-    """All per-example numbers for one parsed completion.
+                     protocol: str = "paper", n_items: int = 20) -> dict:
+    """All per-example numbers for one parsed completion under ``protocol`` ("paper" or "lenient").
 
+    The protocol sets the matching rule (``hits``), the IDCG (``IDEAL_OF_PROTOCOL``) and the
+    in-catalog rule (``in_catalog_ratio``); with the defaults, Recall@k and NDCG@k are the
+    authors' ``evaluate_direct_match(item, k, ...)``.
     Returns {"recall@k", "ndcg@k" for k in ks, "in_catalog", "format_valid", "n_items",
     "rank_hits": fixed-position hits over the first ``n_items`` ranks (the per-rank curve)}.
     """
-    h = hits(items, groundtruth, seen_titles, catalog, year_tolerance=year_tolerance, positions=positions)
+    check_protocol(protocol)
+    h = hits(items, groundtruth, seen_titles, catalog, year_tolerance=year_tolerance, positions=positions,
+             protocol=protocol)
     fixed = hits(items[:n_items], groundtruth, seen_titles, catalog, year_tolerance=year_tolerance,
-                 positions="fixed")
+                 positions="fixed", protocol=protocol)
     out: dict = {}
     for k in ks:
         out[f"recall@{k}"] = recall_at_k(h, len(groundtruth), k)
     for k in ks:
-        out[f"ndcg@{k}"] = ndcg_at_k(h, len(groundtruth), k, ideal=ideal)
-    out["in_catalog"] = in_catalog_ratio(items, catalog, year_tolerance=year_tolerance, n_items=n_items)
+        out[f"ndcg@{k}"] = ndcg_at_k(h, len(groundtruth), k, ideal=IDEAL_OF_PROTOCOL[protocol])
+    out["in_catalog"] = in_catalog_ratio(items, catalog, year_tolerance=year_tolerance, n_items=n_items,
+                                         protocol=protocol)
     out["format_valid"] = format_valid_ratio(items, n_items=n_items)
     out["n_items"] = len(items)
     out["rank_hits"] = np.pad(fixed, (0, n_items - len(fixed))).tolist()

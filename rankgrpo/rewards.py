@@ -30,11 +30,15 @@ def rank_relevance(items: Sequence[Item], groundtruth, seen_titles, catalog: Cat
                    year_tolerance: int = 2) -> np.ndarray:
     """rel_k for k < n_items from the one parse (PAPER.md 6.1): ``float64 [n_items]``.
 
+    The reward's matching rule is ``hits(..., positions="fixed", protocol="lenient")``:
+    normalised titles, year-tolerant catalog, ground truths consumed on match, exact year
+    first. It is not the evaluation's default (the authors' ``evaluate_direct_match``).
+
     Ranks past the last line are 0; lines past ``n_items`` (overflow) are ignored here and
     handled by length shaping in the loss.
     """
     h = hits(list(items[:n_items]), groundtruth, seen_titles, catalog, year_tolerance=year_tolerance,
-             positions="fixed")
+             positions="fixed", protocol="lenient")
     rel = np.zeros(n_items, dtype=np.float64)
     rel[: len(h)] = h
     return rel

@@ -11,9 +11,9 @@ the policy that sampled it (the "old" / behaviour log-probs of the importance ra
 3. Decoding feeds one token per row per step into a preallocated KV cache (a transformers
    `DynamicCache` whose layers write in place instead of concatenating). A row stops at its
    first eos token, at `max_new_tokens`, or (optionally) once it has closed
-   `stop_after_items` lines. Finished rows are removed from the batch and from the cache
-   (`Cache.batch_select_indices`) once they are `compact_fraction` of the batch, so they
-   stop costing compute.
+   `stop_after_items` lines (counted by a `rankgrpo.stopping` line counter). Finished rows
+   are removed from the batch and from the cache (`Cache.batch_select_indices`) once they
+   are `compact_fraction` of the batch, so they stop costing compute.
 4. The token, and its log-probability under the exact distribution it was drawn from, go
    into preallocated output tensors, by global row index.
 
@@ -44,6 +44,7 @@ import torch
 from transformers import DynamicCache
 
 from rankgrpo.segment import newline_table
+from rankgrpo.stopping import NewlineCounter
 from transformers.cache_utils import DynamicLayer
 
 
@@ -324,6 +325,7 @@ def sample(
     stop_after_items: int | None = None,
     generator: torch.Generator | None = None,
     newline_counts: torch.Tensor | None = None,
+    line_counter=None,
     tokenizer=None,
     pad_token_id: int | None = None,
     prompt_batch_size: int | None = None,
@@ -343,11 +345,14 @@ def sample(
         greedy: argmax decoding (deterministic; every row of a group is then identical).
         eos_token_ids: id or ids that end a completion. A row ends at the first one it emits,
             which is part of the completion (and of its mask).
-        stop_after_items: stop a row once it has emitted this many "\\n" characters (closed this
-            many lines / ranked items). Needs `newline_counts` or `tokenizer`.
+        stop_after_items: stop a row once it has closed this many lines. By default every
+            "\\n" character closes a line (line k = rank k); needs `newline_counts` or `tokenizer`.
+            With `line_counter`, the lines that counter counts.
         generator: torch.Generator on the model's device, for reproducible sampling.
         newline_counts: LongTensor [V], "\\n" characters per token id (see
             `newline_counts_from_tokenizer`).
+        line_counter: how lines are counted for `stop_after_items` (`rankgrpo.stopping`): e.g.
+            `ItemLineCounter.from_tokenizer(tok)` counts only lines with text, for evaluation.
         tokenizer: used only to build `newline_counts` when that is not given.
         pad_token_id: written after each row's end and used to left-pad prompts (default: the
             first eos id); must be a valid token id. Masks never look at it, so pad == eos is fine.
@@ -376,11 +381,15 @@ def sample(
         raise ValueError(f"pad_token_id={pad_token_id} is not a token id of the model; pass pad_token_id=")
     greedy = greedy or temperature == 0
     if stop_after_items is not None:
-        if newline_counts is None and tokenizer is None:
-            raise ValueError("stop_after_items needs newline_counts (LongTensor [V]) or tokenizer")
-        if newline_counts is None:
-            newline_counts = newline_counts_from_tokenizer(tokenizer, model.config.vocab_size)
-        newline_counts = newline_counts.to(device)
+        if line_counter is None:
+            if newline_counts is None and tokenizer is None:
+                raise ValueError("stop_after_items needs newline_counts (LongTensor [V]) or tokenizer")
+            if newline_counts is None:
+                newline_counts = newline_counts_from_tokenizer(tokenizer, model.config.vocab_size)
+            line_counter = NewlineCounter(newline_counts)
+        line_counter = line_counter.to(device)
+    else:
+        line_counter = None
 
     prompts = [list(map(int, p)) for p in prompts]
     G = group_size
@@ -393,7 +402,7 @@ def sample(
                 model, prompts, order[start : start + step], out,
                 G=G, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 greedy=greedy, eos_ids=eos_ids, stop_after_items=stop_after_items,
-                newline_counts=newline_counts, generator=generator, pad_token_id=pad_token_id,
+                line_counter=line_counter, generator=generator, pad_token_id=pad_token_id,
                 compact_fraction=compact_fraction,
             )
 
@@ -440,7 +449,7 @@ def _prefill(model, prompts: list[list[int]], pad_token_id: int, max_new_tokens:
 @torch.inference_mode()
 def _sample_prompt_batch(
     model, prompts, batch, out: _Outputs, *, G, max_new_tokens, temperature, top_p, greedy,
-    eos_ids, stop_after_items, newline_counts, generator, pad_token_id, compact_fraction,
+    eos_ids, stop_after_items, line_counter, generator, pad_token_id, compact_fraction,
 ):
     """Prefill the prompts `batch` (indices into `prompts`) once, expand to G rows each, decode.
 
@@ -461,7 +470,9 @@ def _sample_prompt_batch(
     # The attention mask of every step is a prefix of this buffer (prompt padding, then ones).
     mask = torch.cat([prompt_mask[source], prompt_mask.new_ones(len(rows), max_new_tokens)], dim=1)
     positions = prompt_lengths[source]  # position id of the next token fed to the model
-    lines = torch.zeros(len(rows), dtype=torch.long, device=device)  # "\n" emitted so far
+    # Line-count state of each row (`rankgrpo.stopping`); a dummy [B] when there is no item stop.
+    lines = (line_counter.start(len(rows), device) if line_counter is not None
+             else torch.zeros(len(rows), device=device))
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
 
     for t in range(max_new_tokens):
@@ -473,8 +484,8 @@ def _sample_prompt_batch(
         is_eos = torch.isin(tokens, eos_ids)
         at_item_limit = torch.zeros_like(is_eos)
         if stop_after_items is not None:
-            lines += newline_counts[tokens]
-            at_item_limit = ~is_eos & (lines >= stop_after_items)
+            lines = line_counter.update(lines, tokens)
+            at_item_limit = ~is_eos & (line_counter.closed(lines) >= stop_after_items)
         ends_now = (is_eos | at_item_limit) & ~finished
         if t == max_new_tokens - 1:
             ends_now = ~finished  # out of tokens: the rest are truncated

@@ -33,7 +33,7 @@ stamp "5/6 evaluate.py on the test split"
 for pair in "base (zero-shot):$RUN/world/base_model:base" "SFT:$RUN/sft/final:sft" "Rank-GRPO:$RUN/rankgrpo/final:rankgrpo"; do
   IFS=: read -r name model dir <<< "$pair"
   $PY evaluate.py --model "$model" --data "$RUN/world/test.jsonl" --catalog "$RUN/world/catalog.jsonl" \
-      --name "$name" --out "$RUN/eval/$dir" --max-new-tokens 220 > "$RUN/eval_$dir.log"
+      --name "$name" --out "$RUN/eval/$dir" --max-new-tokens 220 --stop-after-items 30 > "$RUN/eval_$dir.log"
 done
 
 stamp "6/6 results (test split, $N_TEST conversations, greedy, mean ±standard error)"

@@ -141,6 +141,13 @@ def test_evaluate_cli_scores_a_predictions_file(tmp_path):
     assert "R@5" in res.stdout and "N@20" in res.stdout
     r = json.loads(out.read_text())["results"]
     assert r["recall@5"]["mean"] == pytest.approx((1.0 + 0.5) / 2)
+    # the paper's IDCG for "b" is capped by its one-item list: NDCG 1; the textbook one has 2 slots
+    assert r["ndcg@5"]["mean"] == pytest.approx((1.0 + 1.0) / 2)
+    res = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--data", str(data), "--catalog", str(cat),
+                          "--predictions", str(preds), "--json", str(out), "--protocol", "lenient"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(out.read_text())["results"]
     assert r["ndcg@5"]["mean"] == pytest.approx((1.0 + 1 / 1.6309297535714575) / 2)
     bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--data", str(data), "--catalog",
                           str(tmp_path / "missing.jsonl"), "--predictions", str(preds)], capture_output=True,

@@ -63,11 +63,25 @@ def test_trailing_newline_is_an_empty_last_rank():
     assert (items[1].start, items[1].end) == (12, 12)
 
 
+def test_hits_fixed_and_shift_by_hand_paper():
+    # The authors' rule: Big Fish (2005) and Se7en (1998) are not exact catalog rows -> dropped.
+    items = parse_recommendations(COMPLETION)
+    assert hits(items, GT, SEEN, CATALOG, positions="fixed").tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+    shift = hits(items, GT, SEEN, CATALOG)
+    assert shift.tolist() == [1, 0]  # kept: Heat, Heat (repeat: the first Heat already took the GT)
+    assert recall_at_k(shift, 4, 5) == pytest.approx(1 / 4)
+    # official IDCG: the filtered list has 2 items -> 2 ideal slots, 1 + 1/log2(3) = 1.6309
+    assert ndcg_at_k(shift, 4, 5, ideal="official") == pytest.approx(1 / (1 + L2[1]))
+    assert ndcg_at_k(shift, 4, 5, ideal="official") == pytest.approx(0.6131472)
+    row = score_completion(items, GT, SEEN, CATALOG)
+    assert row["ndcg@5"] == pytest.approx(0.6131472) and row["recall@20"] == pytest.approx(0.25)
+
+
 def test_hits_fixed_and_shift_by_hand():
     items = parse_recommendations(COMPLETION)
-    fixed = hits(items, GT, SEEN, CATALOG, positions="fixed")
+    fixed = hits(items, GT, SEEN, CATALOG, positions="fixed", protocol="lenient")
     assert fixed.tolist() == [1, 0, 0, 0, 0, 1, 0, 0]
-    shift = hits(items, GT, SEEN, CATALOG, positions="shift")
+    shift = hits(items, GT, SEEN, CATALOG, positions="shift", protocol="lenient")
     assert shift.tolist() == [1, 1, 0]  # kept: Heat, Big Fish (2005), Heat (repeat)
 
     # Recall@5: fixed sees 1 hit in ranks 0..4; shift sees both hits. |GT| = 4.
@@ -87,28 +101,39 @@ def test_hits_fixed_and_shift_by_hand():
 def test_ratios_by_hand():
     items = parse_recommendations(COMPLETION)
     # parsed: Heat, Ran, Nope Movie, Big Fish 2005, Se7en 1998, Heat -> in catalog: Heat, Ran, Big Fish, Heat
+    # (Big Fish 2005 is within 2 years of the catalog's 2003 in both protocols; Se7en 1998 is 3 off.)
     assert in_catalog_ratio(items, CATALOG) == pytest.approx(4 / 6)
+    assert in_catalog_ratio(items, CATALOG, protocol="lenient") == pytest.approx(4 / 6)
     # 5 exact lines (ranks 3..7) out of max(N=20, 8 lines)
     assert format_valid_ratio(items) == pytest.approx(5 / 20)
     assert format_valid_ratio(parse_recommendations("\n".join(["Heat (1995)"] * 21))) == pytest.approx(20 / 21)
-    row = score_completion(items, GT, SEEN, CATALOG)
+    row = score_completion(items, GT, SEEN, CATALOG, protocol="lenient")
     assert row["rank_hits"][:8] == [1, 0, 0, 0, 0, 1, 0, 0] and len(row["rank_hits"]) == 20
     assert row["recall@5"] == pytest.approx(0.5)
+    row = score_completion(items, GT, SEEN, CATALOG)
+    assert row["rank_hits"][:8] == [1, 0, 0, 0, 0, 0, 0, 0] and row["recall@5"] == pytest.approx(0.25)
 
 
 def test_one_to_one_matching_and_multiset_groundtruth():
     cat = Catalog([CatalogItem("Heat", 1995)])
     items = [("Heat", 1995), ("heat", 1995), ("HEAT", 1996)]
-    assert hits(items, [("Heat", 1995)], [], cat, positions="fixed").tolist() == [1, 0, 0]
+    assert hits(items, [("Heat", 1995)], [], cat, positions="fixed", protocol="lenient").tolist() == [1, 0, 0]
     # two responders named the same film: both copies can be hit once each
-    assert hits(items, [("Heat", 1995), ("Heat", 1995)], [], cat, positions="fixed").tolist() == [1, 1, 0]
+    assert hits(items, [("Heat", 1995), ("Heat", 1995)], [], cat, positions="fixed",
+                protocol="lenient").tolist() == [1, 1, 0]
+    # the authors': only the exact ("Heat", 1995) passes the catalog filter, and both ground
+    # truths mark that first copy
+    assert hits(items, [("Heat", 1995), ("Heat", 1995)], [], cat, positions="fixed").tolist() == [1, 0, 0]
 
 
 def test_exact_year_is_preferred_over_a_neighbour():
     cat = Catalog([CatalogItem("Dune", 1984), CatalogItem("Dune", 1985)])
     # GT has both remakes; a recommendation for 1985 consumes the 1985 one, the 1984 one stays
     assert hits([("Dune", 1985), ("Dune", 1984)], [("Dune", 1984), ("Dune", 1985)], [], cat,
-                positions="fixed").tolist() == [1, 1]
+                positions="fixed", protocol="lenient").tolist() == [1, 1]
+    # the authors' loop has no exact-year preference: both ground truths mark the first Dune
+    assert hits([("Dune", 1985), ("Dune", 1984)], [("Dune", 1984), ("Dune", 1985)], [], cat,
+                positions="fixed").tolist() == [1, 0]
 
 
 def test_empty_and_no_groundtruth():
