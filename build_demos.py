@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 import torch
 
 from rankgrpo.catalog import Catalog, CatalogError, load_catalog, normalize_title
-from rankgrpo.config import arg, parse_config, save_config
+from rankgrpo.config import arg, run_cli, save_config
 from rankgrpo.data import DataError, Example, load_examples, write_examples
 from rankgrpo.demos.embed import make_embedder
 from rankgrpo.demos.rra import RRAConfig, RRAResult, format_demo, run_rra
@@ -76,10 +76,10 @@ class BuildDemosConfig(RRAConfig):
     val_data: str = arg("", "Validation examples (JSONL); empty: WORLD/validation.jsonl.")
     catalog: str = arg("", "Catalog (.jsonl, .tsv or the authors' .pkl); empty: WORLD/catalog.jsonl.")
     train_fraction: float = arg(0.25, "Share of the training examples that get a demonstration (the paper: "
-                                      "0.25), drawn with --seed.")
+                                      "0.25), drawn with --seed.", min=0, max=1)
     max_train: int = arg(0, "At most this many training examples (0: no cap); taken in the same seeded order, "
-                            "so a smaller subset is part of a larger one.")
-    seed: int = arg(0, "Seed of the training subset, the train report sample and Adjust's mini-batch order.")
+                            "so a smaller subset is part of a larger one.", min=0)
+    seed: int = arg(0, "Seed of the training subset, the train report sample and Adjust's mini-batch order.", min=0)
     out: str = arg("runs/demos", "Output directory.")
     cache_dir: str = arg("", "Teacher replies and embeddings; empty: OUT/cache. Runs with the same teacher "
                              "may share one.")
@@ -92,24 +92,27 @@ class BuildDemosConfig(RRAConfig):
     base_url: str = arg("https://api.openai.com/v1", "openai: the API root ({base_url}/chat/completions).")
     api_key_env: str = arg("OPENAI_API_KEY", "openai: NAME of the environment variable holding the API key "
                                              "(unset or empty: no key is sent, for local servers).")
-    temperature: float = arg(0.0, "openai: sampling temperature.")
-    max_tokens: int = arg(2048, "openai: reply budget (a judge reply rates --n-reflect candidates).")
-    concurrency: int = arg(8, "openai: requests in flight at once.")
-    timeout: float = arg(120.0, "openai: seconds per HTTP request.")
+    temperature: float = arg(0.0, "openai: sampling temperature.", min=0)
+    max_tokens: int = arg(2048, "openai: reply budget (a judge reply rates --n-reflect candidates).", min=1)
+    concurrency: int = arg(8, "openai: requests in flight at once.", min=1)
+    timeout: float = arg(120.0, "openai: seconds per HTTP request.", above=0)
     teacher_model: str = arg("", "hf: the teacher model (a local directory or a hub name).")
     teacher_device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "hf: device of the teacher.")
-    teacher_batch_size: int = arg(8, "hf: prompts generated together.")
-    teacher_max_new_tokens: int = arg(2048, "hf: reply budget in tokens.")
+    teacher_batch_size: int = arg(8, "hf: prompts generated together.", min=1)
+    teacher_max_new_tokens: int = arg(2048, "hf: reply budget in tokens.", min=1)
     max_attempts: int = arg(0, "Tries per teacher request, the first included (0: the backend's default, 3 for "
                                "sandbox, 5 for openai; a greedy hf teacher is not retried, its reply would not "
-                               "change); then the conversation is skipped and counted.")
+                               "change); then the conversation is skipped and counted.", min=0)
 
     # ---- embeddings, report, machine
     embedder: str = arg("hashing", "'hashing' / 'hashing:DIM' (character n-gram TF-IDF, no model) or 'hf:PATH' "
-                                   "(a local sentence encoder; the paper's is stella_en_400M_v5).")
+                                   "(a local sentence encoder, read with its sentence-transformers layout when it "
+                                   "has one; the paper's is stella_en_400M_v5).")
+    trust_remote_code: bool = arg(False, "hf embedder: run the model's own code from its directory (needed by "
+                                         "encoders such as stella_en_400M_v5). Only for models you trust.")
     report_train: int = arg(1000, "Score the stages on up to this many training demonstrations too (a seeded "
-                                  "sample; 0: validation only).")
-    threads: int = arg(1, "torch CPU threads (more threads on a busy machine can make Adjust much slower).")
+                                  "sample; 0: validation only).", min=0)
+    threads: int = arg(1, "torch CPU threads (more threads on a busy machine can make Adjust much slower).", min=1)
 
     def validate(self) -> None:
         try:
@@ -303,6 +306,9 @@ def build_demos(cfg: BuildDemosConfig, *, teacher: Teacher | None = None, embedd
         raise SystemExit(f"error: {e}") from None
     if catalog.report.dropped:
         log(f"build_demos: catalog: {catalog.report.summary()}")
+    for name, rows in (("train", train_all), ("validation", val)):
+        if rows.report.counts:
+            log(f"build_demos: {name} data: {rows.report.summary()}")
     train = [train_all[i] for i in train_subset(len(train_all), cfg.train_fraction, cfg.max_train, cfg.seed)]
     if not train and not val:
         raise SystemExit("error: no examples to build demonstrations for (check --train-fraction and the data)")
@@ -314,7 +320,8 @@ def build_demos(cfg: BuildDemosConfig, *, teacher: Teacher | None = None, embedd
         backend = teacher if teacher is not None else build_teacher(cfg, world)
         cached = backend if isinstance(backend, CachedTeacher) else CachedTeacher(
             backend, Path(cfg.cache_dir) / "teacher.jsonl")
-        embedder = embedder if embedder is not None else make_embedder(cfg.embedder)
+        embedder = embedder if embedder is not None else make_embedder(cfg.embedder,
+                                                                       trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: could not set up the teacher or the embedder: {e}") from None
     save_config(cfg, cfg.out)
@@ -354,6 +361,8 @@ def build_demos(cfg: BuildDemosConfig, *, teacher: Teacher | None = None, embedd
                            "skipped": len(val) - len(kept["validation"]), "scored": len(kept["validation"])},
         },
         "checks": check_demonstrations(examples, result.completions, catalog, cfg.n_items),
+        "data": {"train": train_all.report.to_json(), "validation": val.report.to_json(),
+                 "catalog": catalog.report.summary()},
         "metrics": metrics,
         "failures": {
             "teacher_list": s.get("list_failures", 0), "judge": s.get("judge_failures", 0),
@@ -382,9 +391,11 @@ def build_demos(cfg: BuildDemosConfig, *, teacher: Teacher | None = None, embedd
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(BuildDemosConfig, argv)
-    build_demos(cfg, log=lambda line: print(line, flush=True))
-    return 0
+    def run(cfg: BuildDemosConfig) -> int:
+        build_demos(cfg, log=lambda line: print(line, flush=True))
+        return 0
+
+    return run_cli(BuildDemosConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rankgrpo.catalog import CatalogError, load_catalog
-from rankgrpo.config import arg, parse_config
+from rankgrpo.config import ConfigError, arg, run_cli
 from rankgrpo.data import DataError, load_examples
 from rankgrpo.evaluation import load_predictions, score_examples
 from rankgrpo.io import atomic_write_json, atomic_write_jsonl
@@ -50,7 +50,7 @@ class EvaluateConfig:
     name: str = arg("run", "Row name in the printed table.")
     out: str = arg("", "Write results.json and examples.jsonl (and PNGs with --plot) into this directory.")
     json: str = arg("", "Also write the aggregate numbers to this JSON file.")
-    limit: int = arg(0, "Score only the first LIMIT examples (0: all).")
+    limit: int = arg(0, "Score only the first LIMIT examples (0: all).", min=0)
     protocol: str = arg("paper", "'paper': the authors' evaluate_direct_match exactly (exact titles, exact "
                                  "(title, year) catalog filter, their IDCG; PAPER.md 8.4-8.5); 'lenient': "
                                  "the reward's matching (case-folded titles, year-tolerant catalog) and the "
@@ -58,15 +58,17 @@ class EvaluateConfig:
     positions: str = arg("shift", "'shift': drop seen/out-of-catalog items then cut at k (the authors' "
                                   "evaluation); 'fixed': items keep their generated rank.",
                          choices=["shift", "fixed"])
-    year_tolerance: int = arg(2, "A recommendation's year may differ from the ground truth's by this much.")
-    n_items: int = arg(20, "List length N (the per-rank curve and format ratio use the first N lines).")
+    year_tolerance: int = arg(2, "A recommendation's year may differ from the ground truth's by this much.", min=0)
+    n_items: int = arg(20, "List length N (the per-rank curve and format ratio use the first N lines).", min=1)
     max_new_tokens: int = arg(1024, "Greedy generation budget per list; a list ends at <eos> or here "
                                     "(the paper: 1024).")
     stop_after_items: int = arg(0, "Also stop a list once it has this many lines with text (blank lines do "
                                    "not count). 0: off, as in the paper. Must exceed --n-items: filtered "
                                    "items (seen, out-of-catalog, repeated, a preamble) leave room for later "
-                                   "ones; e.g. 30 for N = 20.")
-    batch_size: int = arg(64, "Unique prompts per generation batch.")
+                                   "ones; e.g. 30 for N = 20.", min=0)
+    batch_size: int = arg(64, "Unique prompts per generation batch.", min=1)
+    chat_template: str = arg("", "With --model: chat template for a tokenizer that has none, a built-in name "
+                                 "('chatml') or a Jinja file.")
     device: str = arg("", "Device for generation (default: cuda if available, else cpu).")
     dtype: str = arg("float32", "Model dtype for generation (bfloat16 on GPUs).")
     plot: bool = arg(False, "Write PNGs (needs matplotlib): per-rank hit curve, and training curves of --train-log.")
@@ -75,13 +77,19 @@ class EvaluateConfig:
     def validate(self) -> None:
         sources = bool(self.model) + bool(self.predictions) + bool(self.predictions_from_field) + bool(self.compare)
         if sources != 1:
-            raise SystemExit("evaluate.py: give exactly one of --model, --predictions, --predictions-from-field, "
-                             "--compare")
+            raise ConfigError("give exactly one of --model, --predictions, --predictions-from-field, --compare")
         if self.max_new_tokens < 1:
             raise SystemExit(f"evaluate.py: --max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.stop_after_items and self.stop_after_items <= self.n_items:
             raise SystemExit(f"evaluate.py: --stop-after-items must be 0 (off) or more than --n-items "
                              f"({self.n_items}) to leave room for filtered items, got {self.stop_after_items}")
+        if self.model:
+            from rankgrpo.models import resolve_dtype
+
+            try:
+                resolve_dtype(self.dtype)
+            except ValueError as e:
+                raise ConfigError(f"--dtype: {e}") from None
 
 
 def _results_path(p: str) -> Path:
@@ -120,25 +128,39 @@ def _plots(cfg: EvaluateConfig, curves: dict) -> None:
 def generate(cfg: EvaluateConfig, examples) -> list[str]:
     import torch
 
-    from rankgrpo.models import load_model, load_tokenizer
-    from rankgrpo.training import check_tokenizer_matches, greedy_completions
+    from rankgrpo.training import greedy_completions, load_for_cli
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    check_tokenizer_matches(model, tokenizer, cfg.model)
+    tokenizer, model = load_for_cli("--model", cfg.model, cfg.chat_template, dtype=cfg.dtype, device=device)
     return greedy_completions(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size, stop_after_items=cfg.stop_after_items or None,
                               progress=True)
 
 
+def check_inputs(cfg: EvaluateConfig) -> None:
+    """Fail before any work on an input that is missing, naming the flag."""
+    from rankgrpo.training import check_model_source, check_paths
+
+    if cfg.compare:
+        return
+    check_paths(data=cfg.data, catalog=cfg.catalog, predictions=cfg.predictions)
+    if cfg.model:
+        check_model_source("--model", cfg.model)
+
+
 def main(argv=None) -> int:
-    cfg = parse_config(EvaluateConfig, argv)
+    return run_cli(EvaluateConfig, run, argv)
+
+
+def run(cfg: EvaluateConfig) -> int:
+    check_inputs(cfg)
     if cfg.compare:
         return compare(cfg)
     try:
         catalog = load_catalog(cfg.catalog)
         examples = load_examples(cfg.data)
+        if examples.report.counts:
+            print(f"data: {examples.report.summary()}", file=sys.stderr)
         if cfg.limit:
             examples = examples[: cfg.limit]
         if cfg.predictions_from_field:

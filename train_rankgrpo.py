@@ -28,9 +28,9 @@ from tqdm import tqdm
 from rankgrpo.catalog import load_catalog
 from rankgrpo.checkpoint import (load_trainer_state, rng_state, save_checkpoint, save_final, set_rng_state,
                                  truncate_log)
-from rankgrpo.config import arg, save_config
-from rankgrpo.data import chat_prompt_ids, load_examples
-from rankgrpo.io import append_jsonl
+from rankgrpo.config import ConfigError, arg, save_config
+from rankgrpo.data import chat_prompt_ids, load_examples, truncate_left
+from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.models import load_model
 from rankgrpo.rl import prepare_batch, rollout_metrics, sync, update_pass
 from rankgrpo.sampling import sample
@@ -60,46 +60,56 @@ class TrainRankGRPOConfig(TrainerConfig):
     reward: str = arg("exp_inf", "Rank-GRPO return: exp_inf (rel_k), exp (Eq. 9, needs --gamma), dcg "
                                  "(DCG@k:N, Eq. 8, 'log'). GRPO/GSPO always use DCG@N.",
                       choices=["exp_inf", "exp", "dcg"])
-    gamma: float = arg(0.0, "Gamma of the exp return (> 1).")
-    group_size: int = arg(8, "G, completions per prompt (paper 8).")
-    n_items: int = arg(20, "N, list length (paper 20).")
-    prompts_per_step: int = arg(0, "Prompts per RL step (0: preset; paper 48, so 384 completions).")
-    micro_batch_size: int = arg(0, "Completions per forward/backward pass (0: preset).")
-    mu: int = arg(1, "Optimiser steps per sampled batch: 1 on-policy, 2 off-policy (reuses the batch).")
-    steps: int = arg(0, "Sampling rounds (0: preset). Optimiser steps = steps * mu.")
-    lr: float = arg(0.0, "Learning rate (0: preset; paper 1e-6).")
+    gamma: float = arg(0.0, "Gamma of the exp return (> 1).", min=0)
+    group_size: int = arg(8, "G, completions per prompt (paper 8).", min=2)
+    n_items: int = arg(20, "N, list length (paper 20).", min=1)
+    prompts_per_step: int = arg(0, "Prompts per RL step (0: preset; paper 48, so 384 completions).", min=0)
+    micro_batch_size: int = arg(0, "Completions per forward/backward pass (0: preset).", min=0)
+    mu: int = arg(1, "Optimiser steps per sampled batch: 1 on-policy, 2 off-policy (reuses the batch).", min=1)
+    steps: int = arg(0, "Sampling rounds (0: preset). Optimiser steps = steps * mu.", min=0)
+    lr: float = arg(0.0, "Learning rate (0: preset; paper 1e-6).", min=0)
     lr_schedule: list[str] = arg([], "Piecewise-constant lr as STEP:LR entries, e.g. 8000:1e-7 (paper 1B/3B).")
-    adam_beta2: float = arg(0.99, "AdamW beta2 (the authors' 0.99).")
-    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    adam_beta2: float = arg(0.99, "AdamW beta2 (the authors' 0.99).", min=0, max=0.999999)
+    weight_decay: float = arg(0.0, "AdamW weight decay.", min=0)
     eps_low: float = arg(-1.0, "Lower clip epsilon (-1: the algorithm's paper value: 0.06 rank_grpo, 0.2 grpo, "
                                "3e-4 gspo).")
     eps_high: float = arg(-1.0, "Upper clip epsilon (-1: paper value: 0.08 / 0.26 / 4e-4).")
-    beta: float = arg(1e-3, "KL coefficient (k3 to the frozen reference); 0 skips the reference model.")
+    beta: float = arg(1e-3, "KL coefficient (k3 to the frozen reference); 0 skips the reference model.", min=0)
     aggregation: str = arg("rank_mean", "rank_mean (paper Eq. 6) or token_mean (the authors' code).",
                            choices=["rank_mean", "token_mean"])
-    overflow_penalty: float = arg(-0.1, "eps_o: advantage of each line past N (0 = off).")
-    early_stop_penalty: float = arg(-0.1, "eps_u: advantage of an <eos> before N lines (0 = off).")
-    temperature: float = arg(1.0, "Sampling temperature (paper 1.0); log-probs use the same temperature.")
-    max_new_tokens: int = arg(0, "Completion token budget (0: preset; paper 1024).")
+    overflow_penalty: float = arg(-0.1, "eps_o: advantage of each line past N (0 = off).", max=0)
+    early_stop_penalty: float = arg(-0.1, "eps_u: advantage of an <eos> before N lines (0 = off).", max=0)
+    temperature: float = arg(1.0, "Sampling temperature (paper 1.0); log-probs use the same temperature.", above=0)
+    max_new_tokens: int = arg(0, "Completion token budget (0: preset; paper 1024).", min=0)
+    max_prompt_length: int = arg(2048, "Prompt tokens kept, cut from the left (the authors' 2,048, App. C; 0: no "
+                                       "limit). Truncated prompts are counted in the log and RUN/data_report.json.",
+                                 min=0)
     stop_after_lines: int = arg(0, "Stop a completion after this many complete lines (0 = only eos/budget); "
-                                   "N+2 saves time on runaway lists while still showing overflow.")
-    year_tolerance: int = arg(2, "Year tolerance of the relevance match.")
-    eval_every: int = arg(20, "Validation NDCG@20 (greedy) every this many steps (and at the end); 0 = off.")
-    val_examples: int = arg(64, "Validation examples for the periodic check.")
-    save_every: int = arg(20, "Checkpoint every this many steps.")
+                                   "N+2 saves time on runaway lists while still showing overflow.", min=0)
+    year_tolerance: int = arg(2, "Year tolerance of the relevance match.", min=0)
+    eval_every: int = arg(20, "Validation NDCG@20 (greedy) every this many steps and at the end (0: off).", min=0)
+    val_examples: int = arg(64, "Validation examples for the periodic check.", min=1)
+    save_every: int = arg(20, "Checkpoint every this many steps and at the end (0: off; final/ is always "
+                              "written).", min=0)
 
     def validate(self) -> None:
         self.apply_preset(PRESETS)
         paper_eps = {"rank_grpo": (0.06, 0.08), "grpo": (0.2, 0.26), "gspo": (3e-4, 4e-4)}[self.algo]
-        if self.eps_low < 0:
-            self.eps_low = paper_eps[0]
-        if self.eps_high < 0:
-            self.eps_high = paper_eps[1]
+        for name, paper in (("eps_low", paper_eps[0]), ("eps_high", paper_eps[1])):
+            value = getattr(self, name)
+            if value == -1:
+                setattr(self, name, paper)
+            elif not 0 <= value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1) or -1 (the paper's value), "
+                                  f"got {value}")
         if self.reward == "exp" and not self.gamma > 1:
             raise SystemExit("error: --reward exp needs --gamma > 1")
         if self.group_size < 2:
             raise SystemExit("error: --group-size must be at least 2 (advantages are normalised over the group)")
-        parse_lr_schedule(self.lr_schedule)
+        try:
+            parse_lr_schedule(self.lr_schedule)
+        except ValueError as e:
+            raise ConfigError(f"--lr-schedule: {e}") from None
 
 
 # ----------------------------------------------------------------------------- main
@@ -111,20 +121,49 @@ def main(argv=None) -> int:
 
 def run(cfg) -> int:
     check_paths(data=cfg.data, val_data=cfg.val_data, catalog=cfg.catalog)
+    catalog = load_catalog(cfg.catalog)  # data first: a bad file fails before any model loads
+    examples = load_examples(cfg.data)
+    val_all = load_examples(cfg.val_data)
+    val_report = val_all.report
+    val = val_all[: cfg.val_examples]
     resume_from, generator, tokenizer, model = start_from(cfg)
     reference = None
     if cfg.beta != 0:  # frozen copy of the *starting* checkpoint, also after a resume
         reference = load_model(cfg.model, device=cfg.device) if resume_from else copy.deepcopy(model)
         reference.eval().requires_grad_(False)
-    catalog = load_catalog(cfg.catalog)
-    examples = load_examples(cfg.data)
-    val = load_examples(cfg.val_data)[: cfg.val_examples]
     if any(not e.groundtruth for e in examples):
         print(f"warning: {sum(not e.groundtruth for e in examples)} example(s) without ground truth "
               "(their rewards are all 0)", file=sys.stderr)
     save_config(cfg, cfg.out)
     eos_ids = eos_token_ids(model, tokenizer)
-    prompt_ids = {}
+    prompt_ids = {}  # example id -> prompt token ids, left-truncated to --max-prompt-length
+    truncated: dict[str, int] = {}  # example id -> prompt tokens cut, for the prompts tokenised so far
+
+    def prompt_for(ex) -> list[int]:
+        if ex.id not in prompt_ids:
+            full = chat_prompt_ids(tokenizer, ex)
+            ids = truncate_left(full, cfg.max_prompt_length) if cfg.max_prompt_length else full
+            if len(ids) < len(full):
+                truncated[ex.id] = len(full) - len(ids)
+                if len(truncated) == 1:
+                    tqdm.write(f"note: prompt of example {ex.id} has {len(full)} tokens; its first "
+                               f"{len(full) - len(ids)} were cut (--max-prompt-length {cfg.max_prompt_length}). "
+                               "Such prompts are counted in the log (prompts_truncated) and data_report.json.")
+            prompt_ids[ex.id] = ids
+        return prompt_ids[ex.id]
+
+    def write_data_report() -> None:
+        atomic_write_json(f"{cfg.out}/data_report.json", {
+            "max_prompt_length": cfg.max_prompt_length, "catalog": catalog.report.summary(),
+            "data": {"file": cfg.data, "load": examples.report.to_json()},
+            "validation": {"file": cfg.val_data, "load": val_report.to_json()},
+            "prompts": {"tokenised": len(prompt_ids), "truncated": len(truncated),
+                        "tokens_dropped": sum(truncated.values()), "truncated_ids": sorted(truncated)[:100]}})
+
+    for name, ex in (("data", examples), ("validation", val_all)):
+        if ex.report.counts:
+            print(f"rl data ({name}): {ex.report.summary()}", file=sys.stderr)
+    write_data_report()
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -157,7 +196,7 @@ def run(cfg) -> int:
     while step < cfg.steps:
         t_start = time.perf_counter()
         step_examples = [examples[i] for i in indices_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)]
-        prompts = [prompt_ids.setdefault(ex.id, chat_prompt_ids(tokenizer, ex)) for ex in step_examples]
+        prompts = [prompt_for(ex) for ex in step_examples]
 
         # 1. rollout
         model.eval()
@@ -182,7 +221,7 @@ def run(cfg) -> int:
             row = {"step": step + 1, "iteration": it, "loss": m.pop("loss"), "grad_norm": m.pop("grad_norm"),
                    "lr": optimizer.param_groups[0]["lr"], **listing, **m,
                    "time/sample": t_sample - t_start, **batch.times, "time/update": t_end - t_update,
-                   "samples_per_s": rollout.num_rows / (t_end - t_start)}
+                   "samples_per_s": rollout.num_rows / (t_end - t_start), "prompts_truncated": len(truncated)}
             append_jsonl(log_path, row)
         step += 1
         bar.update(1)
@@ -190,11 +229,14 @@ def run(cfg) -> int:
                         kl=f"{row.get('kl', 0.0):.4f}")
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             validate_now()
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
             save_checkpoint(cfg.out, step, model, tokenizer, {"optimizer": optimizer.state_dict(),
                                                                "rng": rng_state(generator)},
                             keep_last=cfg.keep_checkpoints)
     bar.close()
+    write_data_report()
+    print(f"rl prompts: {len(truncated)} of {len(prompt_ids)} tokenised prompts cut from the left to "
+          f"--max-prompt-length {cfg.max_prompt_length} ({sum(truncated.values())} tokens); {cfg.out}/data_report.json")
     save_final(cfg.out, model, tokenizer)
     print(f"final weights: {cfg.out}/final")
     return 0

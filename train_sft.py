@@ -25,8 +25,9 @@ from rankgrpo.config import arg, save_config
 from rankgrpo.data import load_examples
 from rankgrpo.io import append_jsonl
 from rankgrpo.losses import sft_loss
+from rankgrpo.io import atomic_write_json
 from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, collate_right_padded,
-                               cosine_with_warmup, indices_for_step, run_script, start_from, tokenize_sft,
+                               cosine_with_warmup, indices_for_step, run_script, start_from, tokenize_sft_split,
                                validate_generation)
 
 PRESETS = {
@@ -46,20 +47,25 @@ class TrainSFTConfig(TrainerConfig):
     val_data: str = arg("runs/demos/validation.jsonl", "Validation demonstrations (loss and greedy metrics).")
     catalog: str = arg("sandbox_world/catalog.jsonl", "Catalog for the validation metrics.")
     out: str = arg("runs/sft", "Run directory.")
-    lr: float = arg(0.0, "Peak learning rate (0: from the preset; paper 5e-5).")
-    warmup_ratio: float = arg(0.05, "Linear warm-up share of the steps, then cosine decay to 0 (paper 5%).")
-    weight_decay: float = arg(0.0, "AdamW weight decay.")
-    micro_batch_size: int = arg(0, "Sequences per forward pass (0: from the preset).")
-    grad_accum: int = arg(0, "Micro-batches per optimiser step (0: from the preset).")
-    epochs: int = arg(0, "Passes over the training demonstrations (0: from the preset).")
-    max_steps: int = arg(0, "Stop after this many optimiser steps (0: epochs decide).")
-    max_length: int = arg(1024, "Right-truncate prompt + completion to this many tokens.")
-    log_every: int = arg(10, "Log the training loss every this many steps.")
-    eval_every: int = arg(100, "Validation loss and greedy metrics every this many steps (and at the end).")
-    val_gen_examples: int = arg(64, "Validation examples for the greedy Recall/NDCG@20 check.")
-    max_new_tokens: int = arg(200, "Greedy generation budget for validation.")
-    n_items: int = arg(20, "List length N.")
-    save_every: int = arg(100, "Checkpoint every this many steps.")
+    lr: float = arg(0.0, "Peak learning rate (0: from the preset; paper 5e-5).", min=0)
+    warmup_ratio: float = arg(0.05, "Linear warm-up share of the steps, then cosine decay to 0 (paper 5%).",
+                              min=0, max=1)
+    weight_decay: float = arg(0.0, "AdamW weight decay.", min=0)
+    micro_batch_size: int = arg(0, "Sequences per forward pass (0: from the preset).", min=0)
+    grad_accum: int = arg(0, "Micro-batches per optimiser step (0: from the preset).", min=0)
+    epochs: int = arg(0, "Passes over the training demonstrations (0: from the preset).", min=0)
+    max_steps: int = arg(0, "Stop after this many optimiser steps (0: epochs decide).", min=0)
+    max_length: int = arg(1024, "Tokens per prompt + completion (0: no limit). A longer row loses prompt tokens "
+                                "from the left, never completion tokens; a row whose completion alone does not "
+                                "fit is skipped. Both are counted in RUN/data_report.json.", min=0)
+    log_every: int = arg(10, "Log the training loss every this many steps (0: off).", min=0)
+    eval_every: int = arg(100, "Validation loss and greedy metrics every this many steps and at the end "
+                               "(0: off).", min=0)
+    val_gen_examples: int = arg(64, "Validation examples for the greedy Recall/NDCG@20 check (0: off).", min=0)
+    max_new_tokens: int = arg(200, "Greedy generation budget for validation.", min=1)
+    n_items: int = arg(20, "List length N.", min=1)
+    save_every: int = arg(100, "Checkpoint every this many steps and at the end (0: off; final/ is always "
+                               "written).", min=0)
 
     def validate(self) -> None:
         self.apply_preset(PRESETS)
@@ -86,16 +92,29 @@ def main(argv=None) -> int:
 
 def run(cfg) -> int:
     check_paths(train_data=cfg.train_data, val_data=cfg.val_data, catalog=cfg.catalog)
-    resume_from, generator, tokenizer, model = start_from(cfg)
-    catalog = load_catalog(cfg.catalog)
+    catalog = load_catalog(cfg.catalog)  # data first: a bad file fails before any model loads
     train = load_examples(cfg.train_data)
     val = load_examples(cfg.val_data)
     missing = [e.id for e in train if e.completion is None]
     if missing:
         raise SystemExit(f"error: {cfg.train_data}: {len(missing)} example(s) without 'completion', e.g. {missing[0]}")
-    train_samples = [tokenize_sft(tokenizer, e, cfg.max_length) for e in train]
-    val_samples = [tokenize_sft(tokenizer, e, cfg.max_length) for e in val if e.completion is not None]
+    resume_from, generator, tokenizer, model = start_from(cfg)
+    train_samples, train_report = tokenize_sft_split(tokenizer, train, cfg.max_length)
+    val_samples, val_report = tokenize_sft_split(tokenizer, [e for e in val if e.completion is not None],
+                                                 cfg.max_length)
     save_config(cfg, cfg.out)
+    report = {"max_length": cfg.max_length, "catalog": catalog.report.summary(),
+              "train": {"file": cfg.train_data, "load": train.report.to_json(), "tokenize": train_report},
+              "validation": {"file": cfg.val_data, "load": val.report.to_json(), "tokenize": val_report}}
+    atomic_write_json(f"{cfg.out}/data_report.json", report)
+    for split, r in (("train", train_report), ("validation", val_report)):
+        print(f"sft data ({split}): {r['kept']} of {r['rows']} rows kept; {r['prompt_truncated']} with the prompt "
+              f"cut from the left ({r['prompt_tokens_dropped']} tokens), {r['skipped_completion_too_long']} "
+              f"skipped (completion longer than --max-length {cfg.max_length})")
+    for split, ex in (("train", train), ("validation", val)):
+        if ex.report.counts:
+            print(f"sft data ({split}): {ex.report.summary()}")
+    print(f"sft data: details in {cfg.out}/data_report.json")
 
     window = cfg.micro_batch_size * cfg.grad_accum
     if len(train_samples) < window:
@@ -154,7 +173,7 @@ def run(cfg) -> int:
             loss.backward()
             total_loss += loss.detach().float().cpu()
         if guard.ok(total_loss, step):
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
@@ -163,16 +182,17 @@ def run(cfg) -> int:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss.item():.3f}")
-        if step % cfg.log_every == 0 or step == total_steps:
+        if cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
             append_jsonl(log_path, {"step": step, "loss": total_loss.item(), "lr": scheduler.get_last_lr()[0],
                                     "grad_norm": float(grad_norm), "tokens": window_tokens,
                                     "seconds": time.perf_counter() - t0})
-        if step % cfg.eval_every == 0 and step < total_steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             evaluate_now()
-        if step % cfg.save_every == 0 or step == total_steps:
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
             checkpoint()
     bar.close()
-    evaluate_now()
+    if cfg.eval_every:
+        evaluate_now()
     save_final(cfg.out, model, tokenizer)
     print(f"final weights: {cfg.out}/final")
     return 0

@@ -5,29 +5,51 @@ the ``--help`` text. Field ``learning_rate`` becomes ``--learning-rate``; a ``bo
 becomes ``--flag`` / ``--no-flag``; a ``list``/``tuple`` field takes several values.
 The resolved config is written to the run directory as JSON (``save_config``).
 
+Numeric fields declare their bounds in ``arg(..., min=, max=, above=)`` (``min``/``max``
+inclusive, ``above`` exclusive); ``parse_config`` checks them on every value, given or
+default, and a bad value or an unknown flag is one line on stderr that names the flag.
+The value 0 means the same thing wherever a flag name recurs: ``*_every`` 0 is off, a
+limit or cap 0 is "no limit", and a field documented "0: from the preset" takes the preset.
+
     @dataclass
     class Config:
-        lr: float = arg(1e-6, "Learning rate.")
-        steps: int = arg(100, "Optimiser steps.")
+        lr: float = arg(1e-6, "Learning rate.", min=0)
+        steps: int = arg(100, "Optimiser steps.", min=1)
 
     cfg = parse_config(Config, ["--lr", "5e-7"])   # Config(lr=5e-07, steps=100)
+    parse_config(Config, ["--steps", "-3"])        # ConfigError: --steps must be >= 1, got -3
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from rankgrpo.io import atomic_write_json
 
 T = TypeVar("T")
 
 
-def arg(default: Any, help: str, **kwargs) -> Any:
-    """A documented dataclass field (mutable defaults are copied per instance)."""
+class ConfigError(ValueError):
+    """A bad command-line value; the message names the flag."""
+
+
+def flag_name(field_name: str) -> str:
+    """'eval_every' -> '--eval-every'."""
+    return "--" + field_name.replace("_", "-")
+
+
+def arg(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+        above: float | None = None, **kwargs) -> Any:
+    """A documented dataclass field (mutable defaults are copied per instance).
+
+    min / max: inclusive bounds of a numeric value; above: exclusive lower bound.
+    """
+    kwargs.update({k: v for k, v in (("min", min), ("max", max), ("above", above)) if v is not None})
     if isinstance(default, (list, dict, tuple)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kwargs})
@@ -48,12 +70,19 @@ def _base_type(tp) -> tuple[type, bool, bool]:
     return tp, False, optional
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a ``ConfigError`` (one line), not usage text and exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message} (see --help)")
+
+
 def _parser_for(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
+    parser = _Parser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         tp, is_seq, optional = _base_type(hints[f.name])
@@ -81,9 +110,63 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         if is_seq and isinstance(values[f.name], list) and typing.get_origin(hints[f.name]) is tuple:
             values[f.name] = tuple(values[f.name])
     cfg = cls(**values)
+    check_bounds(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def check_bounds(cfg) -> None:
+    """Raise ``ConfigError`` naming the flag of the first field outside its declared bounds.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class C:
+    ...     temperature: float = arg(1.0, "Sampling temperature.", above=0)
+    >>> check_bounds(C(temperature=0.0))
+    Traceback (most recent call last):
+    ...
+    rankgrpo.config.ConfigError: --temperature must be > 0, got 0.0
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if value != value:  # NaN passes every comparison
+            raise ConfigError(f"{flag_name(f.name)} must be a number, got {value}")
+        m = f.metadata
+        if "min" in m and value < m["min"]:
+            raise ConfigError(f"{flag_name(f.name)} must be >= {m['min']}, got {value}")
+        if "above" in m and value <= m["above"]:
+            raise ConfigError(f"{flag_name(f.name)} must be > {m['above']}, got {value}")
+        if "max" in m and value > m["max"]:
+            raise ConfigError(f"{flag_name(f.name)} must be <= {m['max']}, got {value}")
+
+
+def run_cli(config_cls: type[T], run: Callable[[T], int], argv: Sequence[str] | None = None) -> int:
+    """Parse ``config_cls`` from ``argv`` and call ``run(cfg)``. Input the user can fix (a bad flag,
+    a missing or malformed file, a bad row or catalog) ends with ONE line ``error: ...`` on stderr
+    and exit status 2, never a traceback; anything else is a bug and keeps its traceback.
+
+    The expected errors: ``ConfigError``, ``rankgrpo.data.DataError``,
+    ``rankgrpo.catalog.CatalogError``, and ``SystemExit`` carrying a message.
+    """
+    from rankgrpo.catalog import CatalogError
+    from rankgrpo.data import DataError
+
+    try:
+        return run(parse_config(config_cls, argv))
+    except (ConfigError, DataError, CatalogError) as e:
+        message = str(e)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            raise  # --help, or a status chosen on purpose
+        message = str(e.code)
+    message = " ".join(message.split())  # one line, whatever the message held
+    if message.startswith("error: "):
+        message = message[len("error: "):]
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def config_to_dict(cfg) -> dict:

@@ -9,6 +9,11 @@ model's name.
     toy = tiny_model("llama", vocab_size=256)             # random weights, for tests
     config = qwen25_05b_config()                          # Qwen2.5-0.5B shapes, for benchmarks
 
+A tokenizer without a chat template (a base model's, often) gets one with
+`set_chat_template(tokenizer, "chatml")` or a Jinja file; the scripts expose it as
+`--chat-template`. `end_of_turn_ids` finds the token the template closes an assistant turn
+with, which must stop generation even when it is not the tokenizer's eos.
+
 A local directory and a hub name go through the same `from_pretrained` call. A string that
 can only be a path (absolute, or starting with "." or "~") must exist; a hub name that cannot
 be fetched (offline, or no such repository) raises an `OSError` that says so.
@@ -98,6 +103,76 @@ def load_tokenizer(path_or_name: str | os.PathLike) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# ChatML turns; the assistant turn is marked with {% generation %} so the SFT mask is exact.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_TEMPLATES = {"chatml": (CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>"))}
+
+
+class ChatTemplateError(ValueError):
+    """No usable chat template; the message says which option fixes it."""
+
+
+def set_chat_template(tokenizer: PreTrainedTokenizerBase, spec: str = "", where: str = "the tokenizer") -> None:
+    """Give ``tokenizer`` the chat template ``spec`` (a built-in name from ``CHAT_TEMPLATES`` or a
+    Jinja file), or check that it already has one when ``spec`` is empty.
+
+    A built-in template needs its turn markers to be single tokens of the vocabulary (they are
+    in Qwen2 tokenizers, base or Instruct); otherwise pass a template file written for it.
+    The template is saved with every checkpoint, so the next stage finds it without the option.
+    """
+    if not spec:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ChatTemplateError(
+                f"{where}: the tokenizer has no chat template; pass --chat-template chatml (ChatML turns, for "
+                "tokenizers with <|im_start|>/<|im_end|> tokens) or --chat-template FILE (a Jinja template)")
+        return
+    if spec in CHAT_TEMPLATES:
+        template, markers = CHAT_TEMPLATES[spec]
+        vocab = tokenizer.get_vocab()
+        missing = [m for m in markers if m not in vocab]
+        if missing:
+            raise ChatTemplateError(f"--chat-template {spec}: the tokenizer of {where} has no {' / '.join(missing)} "
+                                    "token; pass a Jinja template file written for its own special tokens")
+    elif Path(spec).is_file():
+        template = Path(spec).read_text(encoding="utf-8")
+    else:
+        raise ChatTemplateError(f"--chat-template {spec}: neither a built-in template ({', '.join(CHAT_TEMPLATES)}) "
+                                "nor an existing file")
+    tokenizer.chat_template = template
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special token the chat template writes right after an assistant message, e.g.
+    ``<|im_end|>`` (ChatML) or ``<|eot_id|>`` (Llama 3); [] if the template writes nothing, or
+    plain text, there.
+
+    SFT targets end with this token, so it must stop generation. It differs from the
+    tokenizer's eos in base models (a base Qwen2.5 has eos ``<|endoftext|>`` but ChatML turns
+    end with ``<|im_end|>``). Found by rendering a probe conversation, not by the model's name.
+    """
+    probe = "Probe reply 7319"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Probe question"},
+                                          {"role": "assistant", "content": probe}], tokenize=False)
+    end = text.rfind(probe)
+    if end < 0:
+        return []
+    after = text[end + len(probe):]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [ids[0]] if ids and ids[0] in special else []
 
 
 def load_model(

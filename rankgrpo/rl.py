@@ -178,7 +178,7 @@ def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int 
         step_metrics.append(m)
         entropy_sum += (ent.float() * batch.mask[rows]).sum().item()
     if guard is None or guard.ok(total, step):
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)

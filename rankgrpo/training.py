@@ -3,6 +3,8 @@ the non-finite-loss guard, and the checks that run before any work starts."""
 from __future__ import annotations
 
 import math
+import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, fields
@@ -13,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from rankgrpo.catalog import Catalog
-from rankgrpo.config import arg
+from rankgrpo.config import ConfigError, arg, flag_name, run_cli
 from rankgrpo.data import Example, chat_prompt_ids
 from rankgrpo.evaluation import score_examples
 from rankgrpo.sampling import sample
@@ -30,14 +32,16 @@ class TrainerConfig:
 
     preset: str = arg("sandbox", "Defaults of the fields left at 0: 'paper' (hub models) or 'sandbox' (the tiny "
                                  "sandbox model).", choices=["paper", "sandbox"])
-    max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm (0: no clipping).", min=0)
     bf16: bool = arg(False, "bfloat16 autocast (GPU).")
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to save memory.")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "Device.")
-    seed: int = arg(3407, "Seed of every RNG (the paper's).")
-    keep_checkpoints: int = arg(2, "Checkpoints kept on disk.")
+    seed: int = arg(3407, "Seed of every RNG (the paper's).", min=0)
+    keep_checkpoints: int = arg(2, "Checkpoints kept on disk (0: all).", min=0)
     resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
-    max_nonfinite: int = arg(5, "Abort after this many non-finite losses in a row.")
+    max_nonfinite: int = arg(5, "Abort after this many non-finite losses in a row.", min=1)
+    chat_template: str = arg("", "Chat template for a tokenizer that has none (or to replace its own): a built-in "
+                                 "name ('chatml') or a Jinja file. Saved with the checkpoints.")
 
     def apply_preset(self, presets: dict[str, dict]) -> None:
         """Fill every field still at 0 from ``presets[self.preset]`` (the resolved values are what
@@ -68,19 +72,30 @@ def indices_for_step(step: int, n: int, per_step: int, seed: int) -> list[int]:
 
 @dataclass
 class SFTSample:
-    """input_ids: [L] prompt + completion tokens; labels_mask: [L] True where the token is a target."""
+    """input_ids: [L] prompt + completion tokens; labels_mask: [L] True where the token is a target;
+    prompt_tokens_dropped: prompt tokens cut from the left to fit ``max_length``."""
 
     input_ids: list[int]
     labels_mask: list[bool]
+    prompt_tokens_dropped: int = 0
 
 
-def tokenize_sft(tokenizer, example: Example, max_length: int) -> SFTSample:
+class CompletionTooLong(ValueError):
+    """The completion alone (targets and end-of-turn) does not fit the length budget."""
+
+
+def tokenize_sft(tokenizer, example: Example, max_length: int = 0) -> SFTSample:
     """Render prompt + assistant completion with the chat template; the loss covers the assistant turn.
 
     The mask comes from the template's ``{% generation %}`` markers
     (``return_assistant_tokens_mask``). A template without them (many hub models) falls back
     to the prefix rule: everything after the rendered prompt with the generation header
-    is a target (the completion and the turn's end token). Right truncation to ``max_length``.
+    is a target (the completion and the turn's end token).
+
+    Length: with ``max_length`` > 0 the *prompt* is cut from the left (``truncate_sft_left``),
+    never the completion, so every row keeps all its targets and its end-of-turn token. A row
+    whose completion part alone needs more than ``max_length - 1`` tokens raises
+    ``CompletionTooLong`` (the caller counts and skips it).
     """
     if example.completion is None:
         raise ValueError(f"example {example.id}: no completion to learn from")
@@ -95,7 +110,58 @@ def tokenize_sft(tokenizer, example: Example, max_length: int) -> SFTSample:
             raise ValueError(f"example {example.id}: the chat template renders the prompt differently with "
                              "and without the answer; cannot locate the completion tokens")
         mask = [i >= len(prompt) for i in range(len(ids))]
-    return SFTSample(ids[:max_length], mask[:max_length])
+    sample = SFTSample(ids, mask)
+    return truncate_sft_left(sample, max_length, example.id) if max_length else sample
+
+
+def truncate_sft_left(sample: SFTSample, max_length: int, name: str = "") -> SFTSample:
+    """Cut prompt tokens from the left until ``sample`` has ``max_length`` tokens.
+
+    The completion part starts at the first target token and runs to the end (targets, the
+    end-of-turn token and whatever the template writes after it). At least one prompt token
+    is kept, since the first target is predicted from the token before it.
+
+    >>> s = SFTSample([1, 2, 3, 4, 5, 6], [False, False, False, False, True, True])
+    >>> truncate_sft_left(s, 4)
+    SFTSample(input_ids=[3, 4, 5, 6], labels_mask=[False, False, True, True], prompt_tokens_dropped=2)
+    >>> truncate_sft_left(s, 2)
+    Traceback (most recent call last):
+    ...
+    rankgrpo.training.CompletionTooLong: example : the completion needs 2 tokens + 1 of prompt, more than --max-length 2
+    """
+    n = len(sample.input_ids)
+    if n <= max_length:
+        return sample
+    first_target = sample.labels_mask.index(True) if any(sample.labels_mask) else n
+    completion = n - first_target
+    if completion + 1 > max_length:
+        raise CompletionTooLong(f"example {name}: the completion needs {completion} tokens + 1 of prompt, "
+                                f"more than --max-length {max_length}")
+    cut = n - max_length
+    return SFTSample(sample.input_ids[cut:], sample.labels_mask[cut:], sample.prompt_tokens_dropped + cut)
+
+
+def tokenize_sft_split(tokenizer, examples: Sequence[Example], max_length: int) -> tuple[list[SFTSample], dict]:
+    """``tokenize_sft`` over a split: (kept samples, report). The report counts what was shortened
+    and skipped, so nothing is lost silently::
+
+        {"rows": 100, "kept": 99, "prompt_truncated": 21, "prompt_tokens_dropped": 8410,
+         "skipped_completion_too_long": 1, "skipped_ids": ["17"]}
+    """
+    samples, skipped = [], []
+    shortened = dropped = 0
+    for ex in examples:
+        try:
+            s = tokenize_sft(tokenizer, ex, max_length)
+        except CompletionTooLong:
+            skipped.append(ex.id)
+            continue
+        shortened += s.prompt_tokens_dropped > 0
+        dropped += s.prompt_tokens_dropped
+        samples.append(s)
+    return samples, {"rows": len(examples), "kept": len(samples), "prompt_truncated": shortened,
+                     "prompt_tokens_dropped": dropped, "skipped_completion_too_long": len(skipped),
+                     "skipped_ids": skipped[:100]}
 
 
 def collate_right_padded(samples: Sequence[SFTSample], pad_token_id: int):
@@ -182,7 +248,40 @@ def check_paths(**paths: str) -> None:
     """Fail before any work if an input path is missing."""
     for name, p in paths.items():
         if p and not Path(p).exists():
-            raise SystemExit(f"error: --{name.replace('_', '-')} {p}: no such file or directory")
+            raise ConfigError(f"{flag_name(name)} {p}: no such file or directory")
+
+
+def check_model_source(flag: str, value: str) -> None:
+    """Fail before any work on a model that cannot load: a local path that is missing or is not a
+    model directory. A string shaped like a hub name ("org/name") that is not a local path is
+    left to ``from_pretrained``, unless HF_HUB_OFFLINE forbids fetching it."""
+    path = Path(os.path.expanduser(value))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{flag} {value}: not a model directory (no config.json)")
+        return
+    hub_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value) is not None
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if not hub_name or offline:
+        why = " (HF_HUB_OFFLINE is set, so it is not fetched as a hub name)" if hub_name else ""
+        raise ConfigError(f"{flag} {value}: no such directory{why}")
+
+
+def load_for_cli(flag: str, source: str, chat_template: str = "", *, dtype="float32", device="cpu"):
+    """(tokenizer, model) for a script: any failure to load is a ``ConfigError`` naming the flag
+    and the path; the tokenizer gets ``--chat-template`` or must have a template of its own."""
+    from rankgrpo.models import ChatTemplateError, load_model, load_tokenizer, set_chat_template
+
+    try:
+        tokenizer = load_tokenizer(source)
+        set_chat_template(tokenizer, chat_template, source)
+        model = load_model(source, dtype=dtype, device=device)
+    except ChatTemplateError as e:
+        raise ConfigError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag} {source}: cannot load the model or its tokenizer: {e}") from None
+    check_tokenizer_matches(model, tokenizer, source)
+    return tokenizer, model
 
 
 def check_tokenizer_matches(model, tokenizer, where: str) -> None:
@@ -197,32 +296,24 @@ def check_tokenizer_matches(model, tokenizer, where: str) -> None:
 
 
 def run_script(config_cls, run, argv=None) -> int:
-    """Parse the script's config and run it; bad data or catalog files end with one clear line, exit 2."""
-    from rankgrpo.catalog import CatalogError
-    from rankgrpo.config import parse_config
-    from rankgrpo.data import DataError
-
-    try:
-        return run(parse_config(config_cls, argv))
-    except (DataError, CatalogError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Parse the script's config and run it; bad flags, files, rows or catalogs end with one clear
+    line and exit 2 (``rankgrpo.config.run_cli``)."""
+    return run_cli(config_cls, run, argv)
 
 
 def start_from(cfg):
     """Seed everything and load the policy to train: the newest checkpoint of ``cfg.out`` with
     ``--resume``, else ``cfg.model``. Returns (resume_from or None, sampler generator, tokenizer, model)."""
     from rankgrpo.checkpoint import latest_checkpoint, seed_everything
-    from rankgrpo.models import load_model, load_tokenizer
 
     resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         print(f"--resume: no checkpoint in {cfg.out}; starting from {cfg.model}", file=sys.stderr)
     source = str(resume_from or cfg.model)
+    flag = "--resume" if resume_from else "--model"
+    check_model_source(flag, source)
     generator = seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(source)
-    model = load_model(source, device=cfg.device)
-    check_tokenizer_matches(model, tokenizer, source)
+    tokenizer, model = load_for_cli(flag, source, cfg.chat_template, device=cfg.device)
     return resume_from, generator, tokenizer, model
 
 
@@ -264,8 +355,12 @@ def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the tokenizer's eos and the model's generation-config eos ids."""
-    ids = {tokenizer.eos_token_id}
+    """Every id that ends a completion: the tokenizer's eos, the model's generation-config eos ids,
+    and the chat template's end-of-turn token (``rankgrpo.models.end_of_turn_ids``; SFT targets
+    end with it, so a base model's tokenizer whose eos differs still stops after SFT)."""
+    from rankgrpo.models import end_of_turn_ids
+
+    ids = {tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)}
     cfg_eos = model.generation_config.eos_token_id
     ids.update(cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos])
     return sorted(i for i in ids if i is not None)

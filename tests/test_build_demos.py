@@ -5,6 +5,7 @@ import doctest
 import importlib.util
 import json
 import os
+import re
 import sys
 import zlib
 from collections import Counter
@@ -303,32 +304,28 @@ def test_help_lists_every_option(capsys):
         assert flag in text
 
 
-def test_bad_paths_and_options_fail_before_any_work(world_dir, tmp_path):
+def test_bad_paths_and_options_fail_before_any_work(world_dir, tmp_path, capsys):
+    def fails(argv, pattern):
+        assert build_demos.main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(pattern, err) and err.count("\n") == 1, err
+
     never = tmp_path / "no_world"
     out = tmp_path / "out"
     common = ["--world", str(never), "--out", str(out)]
-    with pytest.raises(SystemExit, match="--train-data .*missing.jsonl: no such file"):
-        build_demos.main(common + ["--train-data", str(tmp_path / "missing.jsonl")])
-    with pytest.raises(SystemExit, match="--catalog .*nope.pkl: no such file"):
-        build_demos.main(common + ["--catalog", str(tmp_path / "nope.pkl")])
-    with pytest.raises(SystemExit, match="--embedder hf:"):
-        build_demos.main(common + ["--embedder", f"hf:{tmp_path / 'no_model'}"])
-    with pytest.raises(SystemExit, match="--model"):
-        build_demos.main(common + ["--teacher", "openai"])
-    with pytest.raises(SystemExit, match="--teacher-model"):
-        build_demos.main(common + ["--teacher", "hf"])
-    with pytest.raises(SystemExit, match="needs Adjust"):
-        build_demos.main(common + ["--no-remap-reflect", "--no-adjust"])
-    with pytest.raises(SystemExit, match="train-fraction"):
-        build_demos.main(common + ["--train-fraction", "1.5"])
+    fails(common + ["--train-data", str(tmp_path / "missing.jsonl")], "--train-data .*missing.jsonl: no such file")
+    fails(common + ["--catalog", str(tmp_path / "nope.pkl")], "--catalog .*nope.pkl: no such file")
+    fails(common + ["--embedder", f"hf:{tmp_path / 'no_model'}"], "--embedder hf:")
+    fails(common + ["--teacher", "openai"], "--model")
+    fails(common + ["--teacher", "hf"], "--teacher-model")
+    fails(common + ["--no-remap-reflect", "--no-adjust"], "needs Adjust")
+    fails(common + ["--train-fraction", "1.5"], "train-fraction")
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(SystemExit, match="not a directory"):
-        build_demos.main(common + ["--out", str(tmp_path / "a_file")])
+    fails(common + ["--out", str(tmp_path / "a_file")], "not a directory")
     assert not never.exists() and not out.exists()  # no world was built, nothing was written
     # a malformed examples file: the error names the file and the line, before any teacher request
     bad = tmp_path / "bad.jsonl"
     good = (world_dir / "validation.jsonl").read_text().splitlines()[0]
     bad.write_text(good + "\n{not json\n")
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: malformed JSON"):
-        build_demos.main(["--world", str(world_dir), "--out", str(out), "--val-data", str(bad)])
+    fails(["--world", str(world_dir), "--out", str(out), "--val-data", str(bad)], r"bad.jsonl:2: malformed JSON")
     assert not out.exists()

@@ -152,4 +152,4 @@ def test_evaluate_cli_scores_a_predictions_file(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--data", str(data), "--catalog",
                           str(tmp_path / "missing.jsonl"), "--predictions", str(preds)], capture_output=True,
                          text=True)
-    assert bad.returncode == 2 and "missing.jsonl: catalog file not found" in bad.stderr
+    assert bad.returncode == 2 and "--catalog" in bad.stderr and "missing.jsonl: no such file" in bad.stderr

@@ -84,22 +84,22 @@ from rankgrpo.parsing import format_recommendations, parse_line, parse_recommend
 class RRAConfig:
     """Remap-Reflect-Adjust settings (PAPER.md 4.6 for the paper's values)."""
 
-    n_items: int = arg(20, "N: items per demonstration, and the most raw teacher items read.")
-    remap_lambda: float = arg(1.0, "lambda of Eq. 10: weight of the conversation-item similarity.")
+    n_items: int = arg(20, "N: items per demonstration, and the most raw teacher items read.", min=1)
+    remap_lambda: float = arg(1.0, "lambda of Eq. 10: weight of the conversation-item similarity.", min=0)
     identity_year_tolerance: int = arg(2, "I_ic: a teacher item equals a catalog item with the same "
-                                          "normalised title and a year within this many years.")
-    n_reflect: int = arg(100, "N_r: candidates (top by s_remap) the teacher rates in Reflect.")
-    reflect_gamma: float = arg(0.5, "gamma of Eq. 11: weight of the judge's rating.")
-    rating_scale: int = arg(2, "L: ratings are clipped to [-L, L].")
-    adjust_lambda_w: float = arg(0.01, "lambda_w of Eq. 13 (pulls w to 1).")
-    adjust_lambda_b: float = arg(0.01, "lambda_b of Eq. 13 (pulls b to 0).")
-    adjust_steps: int = arg(300, "Adam steps fitting w, b (Eq. 13); 30 epochs of 5,000 conversations.")
-    adjust_lr: float = arg(0.05, "Adam learning rate (Eq. 13).")
-    adjust_batch_size: int = arg(512, "Conversations per Adam step (Eq. 13).")
-    block_size: int = arg(512, "Conversations per similarity block (memory: block_size x |C| floats).")
+                                          "normalised title and a year within this many years.", min=0)
+    n_reflect: int = arg(100, "N_r: candidates (top by s_remap) the teacher rates in Reflect.", min=1)
+    reflect_gamma: float = arg(0.5, "gamma of Eq. 11: weight of the judge's rating.", min=0)
+    rating_scale: int = arg(2, "L: ratings are clipped to [-L, L].", min=1)
+    adjust_lambda_w: float = arg(0.01, "lambda_w of Eq. 13 (pulls w to 1).", min=0)
+    adjust_lambda_b: float = arg(0.01, "lambda_b of Eq. 13 (pulls b to 0).", min=0)
+    adjust_steps: int = arg(300, "Adam steps fitting w, b (Eq. 13); 30 epochs of 5,000 conversations.", min=0)
+    adjust_lr: float = arg(0.05, "Adam learning rate (Eq. 13).", above=0)
+    adjust_batch_size: int = arg(512, "Conversations per Adam step (Eq. 13).", min=1)
+    block_size: int = arg(512, "Conversations per similarity block (memory: block_size x |C| floats).", min=1)
     teacher_metadata: bool = arg(True, "Ask the teacher for metadata of catalog items that have none "
                                        "(else they are embedded as bare 'Title (Year)').")
-    seed: int = arg(0, "Seed of the Adjust mini-batch order.")
+    seed: int = arg(0, "Seed of the Adjust mini-batch order.", min=0)
     remap_reflect: bool = arg(True, "Remap and Reflect. --no-remap-reflect is the 'remove remap-reflect' "
                                     "ablation: the raw list's in-catalog items (identity I_ic only, out-of-"
                                     "catalog items dropped) at 1/sqrt(k), then Adjust.")
