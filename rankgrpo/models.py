@@ -157,12 +157,14 @@ def set_chat_template(tokenizer: PreTrainedTokenizerBase, spec: str = "", where:
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The special token the chat template writes right after an assistant message, e.g.
     ``<|im_end|>`` (ChatML) or ``<|eot_id|>`` (Llama 3); [] if the template writes nothing, or
-    plain text, there.
+    plain text, there (or there is no template).
 
     SFT targets end with this token, so it must stop generation. It differs from the
     tokenizer's eos in base models (a base Qwen2.5 has eos ``<|endoftext|>`` but ChatML turns
     end with ``<|im_end|>``). Found by rendering a probe conversation, not by the model's name.
     """
+    if not getattr(tokenizer, "chat_template", None):
+        return []
     probe = "Probe reply 7319"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Probe question"},
                                           {"role": "assistant", "content": probe}], tokenize=False)

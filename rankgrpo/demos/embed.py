@@ -331,10 +331,16 @@ class HFEmbedder:
         self.device = device
         self.layout = read_sentence_layout(self.path)
         source = str(self.layout.transformer_dir) if self.layout else self.path
-        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            self.model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code).to(device).eval()
+        except ValueError as e:
+            if not trust_remote_code and "trust_remote_code" in str(e):
+                raise ValueError(f"{source}: the encoder ships its own model code; pass --trust-remote-code if "
+                                 "you trust it") from None
+            raise
         layout_max = self.layout.max_seq_length if self.layout else None
         self.max_length = max_length or layout_max or min(int(self.tokenizer.model_max_length), 512)
-        self.model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code).to(device).eval()
 
     @property
     def id(self) -> str:

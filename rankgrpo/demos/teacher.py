@@ -366,7 +366,10 @@ class HFTeacher(Teacher):
         return f"HFTeacher({self.name!r})"
 
     def _eos_ids(self) -> list[int]:
-        ids = []
+        """The tokenizer's and generation config's eos ids and the chat template's end-of-turn token."""
+        from rankgrpo.models import end_of_turn_ids
+
+        ids = list(end_of_turn_ids(self.tokenizer))
         for value in (getattr(self.tokenizer, "eos_token_id", None),
                       getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)):
             ids += value if isinstance(value, (list, tuple)) else [value]
