@@ -248,6 +248,10 @@ def load_examples(path: str | Path, require_groundtruth: bool = True) -> Example
 def _load_hf_dir(path: Path, require_groundtruth: bool) -> ExampleList:
     """A ``Dataset.save_to_disk`` directory (one split); row i is named ``PATH[row i]`` in errors."""
     if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        if splits:
+            raise DataError(f"{path}: holds several splits ({', '.join(splits)}); give one of them, e.g. "
+                            f"{path / splits[0]}")
         raise DataError(f"{path}: a directory, but not a Hugging Face save_to_disk dataset (no state.json); "
                         "give a JSONL file or a split directory such as sft_dataset/train")
     try:

@@ -117,6 +117,8 @@ def test_save_to_disk_split_reads_like_jsonl(tmp_path):
                           "test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "both"))
     with pytest.raises(DataError, match=r"both: holds several splits \(train, test\); give one of them"):
         load_examples(tmp_path / "both")
+    with pytest.raises(DataError, match=r"sft_dataset: holds several splits \(train\); give one of them"):
+        load_examples(tmp_path / "sft_dataset")  # split directories saved one by one
     bad = [row(), {**row(), "seen_titles": "Heat"}]
     datasets.Dataset.from_list(bad[1:]).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match=r"bad\[row 0\]: field 'seen_titles' must be a list"):
