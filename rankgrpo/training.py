@@ -124,10 +124,10 @@ def truncate_sft_left(sample: SFTSample, max_length: int, name: str = "") -> SFT
     >>> s = SFTSample([1, 2, 3, 4, 5, 6], [False, False, False, False, True, True])
     >>> truncate_sft_left(s, 4)
     SFTSample(input_ids=[3, 4, 5, 6], labels_mask=[False, False, True, True], prompt_tokens_dropped=2)
-    >>> truncate_sft_left(s, 2)
+    >>> truncate_sft_left(s, 2, "x7")
     Traceback (most recent call last):
     ...
-    rankgrpo.training.CompletionTooLong: example : the completion needs 2 tokens + 1 of prompt, more than --max-length 2
+    rankgrpo.training.CompletionTooLong: example x7: the completion needs 2 tokens + 1 of prompt, more than --max-length 2
     """
     n = len(sample.input_ids)
     if n <= max_length:

@@ -213,7 +213,13 @@ def test_zero_means_off_for_every_every_flag(files, capsys):
     assert report["train"]["tokenize"]["kept"] == 2
     assert _script("train_rankgrpo").main([str(a) for a in rl(d, "--steps", "1", "--prompts-per-step", "2",
                                                               "--group-size", "2", "--max-new-tokens", "4",
-                                                              "--eval-every", "0", "--save-every", "0")]) == 0
+                                                              "--eval-every", "0", "--save-every", "0",
+                                                              "--max-prompt-length", "30")]) == 0
     assert (d / "runs" / "rl" / "final" / "config.json").is_file()
     assert not (d / "runs" / "rl" / "checkpoints").exists()
+    # both prompts are longer than 30 tokens: cut from the left, counted in the report and the log
+    prompts = json.loads((d / "runs" / "rl" / "data_report.json").read_text())["prompts"]
+    assert prompts["tokenised"] == prompts["truncated"] == 2 and prompts["tokens_dropped"] > 0
+    log = [json.loads(line) for line in (d / "runs" / "rl" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["prompts_truncated"] == 2
     assert "Traceback" not in capsys.readouterr().err
