@@ -17,7 +17,7 @@ limit or cap 0 is "no limit", and a field documented "0: from the preset" takes 
         steps: int = arg(100, "Optimiser steps.", min=1)
 
     cfg = parse_config(Config, ["--lr", "5e-7"])   # Config(lr=5e-07, steps=100)
-    parse_config(Config, ["--steps", "-3"])        # ConfigError: --steps must be >= 1, got -3
+    parse_config(Config, ["--steps", "-3"])        # SystemExit: error: --steps must be >= 1, got -3
 """
 from __future__ import annotations
 
@@ -101,7 +101,17 @@ def _parser_for(cls: type, description: str | None = None) -> argparse.ArgumentP
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """Build ``cls`` from command-line arguments (``argv=None`` reads ``sys.argv``)."""
+    """Build ``cls`` from command-line arguments (``argv=None`` reads ``sys.argv``).
+
+    A bad flag or value raises ``SystemExit("error: ...")``: one line naming the flag.
+    """
+    try:
+        return _parse_config(cls, argv, description)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _parse_config(cls, argv, description):
     ns = _parser_for(cls, description).parse_args(argv)
     values = vars(ns)
     hints = typing.get_type_hints(cls)
