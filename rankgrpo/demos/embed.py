@@ -37,9 +37,12 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from rankgrpo.catalog import normalize_title
 from rankgrpo.io import atomic_write_bytes
