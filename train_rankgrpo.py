@@ -13,6 +13,9 @@ One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
     python train_rankgrpo.py --preset paper --model runs/sft/final --data train.jsonl --catalog catalog.jsonl
     python train_rankgrpo.py --algo grpo                         # the vanilla GRPO baseline
     python train_rankgrpo.py --out runs/rl --resume              # continue exactly
+
+Prompts longer than --max-prompt-length (2,048) keep their last tokens; RUN/data_report.json and
+the log's prompts_truncated count them.
 """
 from __future__ import annotations
 

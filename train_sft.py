@@ -6,7 +6,9 @@
     python train_sft.py --out runs/sft --resume           # continue exactly where a run stopped
 
 Writes RUN/config.json, RUN/log.jsonl, RUN/checkpoints/step-*/ (HF weights + optimizer,
-scheduler, RNG and step), and RUN/final/ (HF format, what the next stage loads).
+scheduler, RNG and step), RUN/final/ (HF format, what the next stage loads) and
+RUN/data_report.json (rows whose prompt was cut from the left to fit --max-length, rows
+skipped because their completion alone does not fit, flagged values found while loading).
 """
 from __future__ import annotations
 
