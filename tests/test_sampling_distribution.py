@@ -1,0 +1,109 @@
+"""Sampled tokens follow softmax(logits / T), or its renormalised nucleus when top_p < 1.
+
+The parity tests of test_sampling.py check the log-prob recorded for whichever token was drawn;
+these check which tokens are drawn. Each case draws n tokens from fixed logits with a seeded
+generator and compares every token's frequency with its target probability.
+
+The bound (Hoeffding, exact for any n, no normal approximation): for one token,
+P(|freq - p| >= eps) <= 2 exp(-2 n eps^2). Asking this of every token of every case at once
+(a union bound over CELLS cells) with total false-alarm probability ALPHA = 1e-6 gives
+
+    eps = sqrt(log(2 * CELLS / ALPHA) / (2 n))   (n = 40,000, CELLS = 64: eps = 0.0156).
+
+The generator is seeded, so the outcome is fixed: the bound says that a correct sampler fails
+this seed with probability below 1e-6, not that the test is random. The bugs it is meant for
+move some probability by far more than eps: tokens drawn at T = 1 while T = 0.7 is asked
+(0.14 on token 0 here), a nucleus not applied (0.08 on token 3), a wrong distribution.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rankgrpo.models import tiny_model
+from rankgrpo.sampling import choose_tokens, sample, top_p_logprobs
+
+N_DRAWS = 40_000
+ALPHA = 1e-6
+CELLS = 64        # an upper bound on the token frequencies compared in this file, all cases together
+EPS = math.sqrt(math.log(2 * CELLS / ALPHA) / (2 * N_DRAWS))
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution a token must come from, written out independently of the sampler:
+    softmax(logits / T); for top_p < 1, keep the most likely tokens in order until their
+    cumulative mass reaches top_p, zero the rest, renormalise."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    if top_p < 1:
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        mass = 0.0
+        for i in p.argsort(descending=True).tolist():
+            keep[i] = True
+            mass += p[i].item()
+            if mass >= top_p:
+                break
+        p = torch.where(keep, p, 0.0)
+        p = p / p.sum()
+    return p
+
+
+def frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.bincount(tokens, minlength=vocab).double() / tokens.numel()
+
+
+def test_bound_separates_the_bugs_it_is_for():
+    """The effects named in the module docstring exceed the bound several times over."""
+    at_07, at_1 = target_probs(LOGITS, 0.7, 1.0), target_probs(LOGITS, 1.0, 1.0)
+    assert (at_07 - at_1).abs().max() > 5 * EPS
+    assert (target_probs(LOGITS, 1.0, 0.8) - at_1).abs().max() > 3 * EPS
+    assert (target_probs(LOGITS, 0.7, 0.8) - at_07).abs().max() > 3 * EPS
+    assert target_probs(LOGITS, 1.0, 0.8).tolist()[3:] == [0.0, 0.0, 0.0]  # token 3 is outside the nucleus
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_choose_tokens_follows_the_target_distribution(temperature, top_p):
+    generator = torch.Generator().manual_seed(1234)
+    logits = LOGITS.expand(N_DRAWS, -1).contiguous()
+    tokens, logprobs = choose_tokens(logits, temperature=temperature, top_p=top_p, greedy=False,
+                                     generator=generator)
+    target = target_probs(LOGITS, temperature, top_p)
+    freq = frequencies(tokens, len(LOGITS))
+    assert (freq - target).abs().max() <= EPS, (freq.tolist(), target.tolist(), EPS)
+    assert bool((target[tokens] > 0).all())  # never a token outside the nucleus
+    # The recorded log-prob is that of the same distribution.
+    assert torch.allclose(logprobs.double(), target[tokens].log(), atol=1e-5)
+
+
+def test_top_p_logprobs_is_the_renormalised_nucleus():
+    logprobs = (LOGITS / 0.7).log_softmax(-1)[None]
+    expected = target_probs(LOGITS, 0.7, 0.8)
+    assert torch.allclose(top_p_logprobs(logprobs, 0.8).exp()[0].double(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.0, 0.8)])
+def test_sample_draws_first_tokens_from_the_model_distribution(temperature, top_p):
+    """End to end: G one-token completions of one prompt from a tiny model. The first token of each
+    is drawn from the model's next-token distribution after the prompt (computed here with one plain
+    forward pass), at T and within the nucleus."""
+    torch.manual_seed(0)
+    vocab = 8
+    model = tiny_model("qwen2", vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                       intermediate_size=64, initializer_range=0.1, seed=4)
+    prompt = [1, 5, 2]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1].float()
+    target = target_probs(logits, temperature, top_p)
+    # A distribution worth testing: T and the nucleus each move some token by more than 3 eps.
+    assert (target - target_probs(logits, 1.0 if temperature != 1.0 else 0.7, top_p)).abs().max() > 3 * EPS
+    if top_p < 1:
+        assert (target - target_probs(logits, temperature, 1.0)).abs().max() > 3 * EPS
+    rollout = sample(model, [prompt], group_size=N_DRAWS, max_new_tokens=1, temperature=temperature, top_p=top_p,
+                     eos_token_ids=0, generator=torch.Generator().manual_seed(99))
+    tokens = rollout.completion_ids[:, 0]
+    freq = frequencies(tokens, vocab)
+    assert (freq - target).abs().max() <= EPS, (freq.tolist(), target.tolist(), EPS)
+    assert torch.allclose(rollout.logprobs[:, 0].double(), target[tokens].log(), atol=1e-4)
