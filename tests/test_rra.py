@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from rankgrpo.catalog import Catalog, CatalogItem
 from rankgrpo.data import Example, build_prompt
@@ -265,7 +266,6 @@ def test_misspelled_title_is_nearest_its_original():
 
 
 def test_hf_embedder_mean_pools_over_the_mask_only(tmp_path):
-    transformers = pytest.importorskip("transformers")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "(", ")"] + list("abcdefghijklmnopqrstuvwxyz0123456789")
     vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab))

@@ -306,7 +306,7 @@ def test_chat_teacher_wraps_any_chat_object_with_retries():
 
 
 def test_sandbox_teacher_configs_enter_the_cache_key():
-    sandbox = pytest.importorskip("rankgrpo.sandbox")
+    from rankgrpo import sandbox
     from rankgrpo.catalog import Catalog, CatalogItem
 
     world = sandbox.World(sandbox.SandboxConfig(n_films=200), Catalog([CatalogItem("Heat", 1995)]))
@@ -347,7 +347,6 @@ def one_thread():
 
 
 def test_hf_teacher_generates_batched_and_greedy(one_thread):
-    pytest.importorskip("rankgrpo.sampling")
     from rankgrpo.demos.teacher import HFTeacher
     from rankgrpo.models import tiny_model
 
