@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from rankgrpo.demos.embed import HFEmbedder, make_embedder, read_sentence_layout
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "(", ")"] + list("abcdefghijklmnopqrstuvwxyz0123456789")
 VOCAB += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
