@@ -87,6 +87,8 @@ class TrainRankGRPOConfig(TrainerConfig):
     eval_every: int = arg(20, "Validation NDCG@20 (greedy) every this many steps (and at the end); 0 = off.")
     val_examples: int = arg(64, "Validation examples for the periodic check.")
     save_every: int = arg(20, "Checkpoint every this many steps.")
+    compile: bool = arg(False, "Sample (rollouts and validation) with a static KV cache and a compiled "
+                               "one-token step (CUDA graphs on a GPU); compiles once per shape bucket.")
 
     def validate(self) -> None:
         self.apply_preset(PRESETS)
@@ -146,7 +148,7 @@ def run(cfg) -> int:
 
     def validate_now():
         row = {"step": step, **validate_generation(model, tokenizer, val, catalog, max_new_tokens=cfg.max_new_tokens,
-                                                    n_items=cfg.n_items)}
+                                                    n_items=cfg.n_items, compile=cfg.compile)}
         append_jsonl(log_path, row)
         tqdm.write(f"step {step}: val NDCG@20 {row['val_ndcg@20']:.4f} R@20 {row['val_recall@20']:.4f} "
                    f"in-catalog {row['val_in_catalog']:.3f}")
@@ -164,7 +166,7 @@ def run(cfg) -> int:
         rollout = sample(model, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
                          tokenizer=tokenizer, generator=generator,
-                         stop_after_items=cfg.stop_after_lines or None)
+                         stop_after_items=cfg.stop_after_lines or None, compile=cfg.compile)
         sync(torch.device(cfg.device))
         t_sample = time.perf_counter()
         # 2-4. score, advantages, segmentation, reference log-probs

@@ -153,3 +153,37 @@ def test_sliding_window_models_are_refused():
     model = model_from_config(config)
     with pytest.raises(ValueError, match="full attention"):
         sample(model, [[5, 6, 7]], group_size=2, max_new_tokens=3, eos_token_ids=1, compile=True)
+
+
+def test_compile_flag_reaches_the_sampler(monkeypatch):
+    """--compile on train_rankgrpo.py and evaluate.py, and greedy validation passes it on to `sample`."""
+    import evaluate
+    import train_rankgrpo
+    from rankgrpo import training
+    from rankgrpo.config import parse_config
+    from rankgrpo.data import Example
+
+    assert parse_config(train_rankgrpo.TrainRankGRPOConfig, ["--compile"]).compile
+    assert not parse_config(train_rankgrpo.TrainRankGRPOConfig, []).compile
+    assert parse_config(evaluate.EvaluateConfig, ["--model", "m", "--compile"]).compile
+
+    seen = []
+
+    def fake_sample(model, prompts, **kwargs):
+        seen.append(kwargs["compile"])
+        return sample(model, prompts, **{**kwargs, "compile": False})
+
+    class Tok:
+        eos_token_id, pad_token_id = 1, 0
+
+        def decode(self, ids, **_):
+            return " ".join(map(str, ids))
+
+    monkeypatch.setattr(training, "sample", fake_sample)
+    monkeypatch.setattr(training, "chat_prompt_ids", lambda tok, ex: [5, 6, 7])
+    monkeypatch.setattr(training, "decode_completion", lambda ids, tok: str(ids))
+    model = tiny_model("qwen2", VOCAB)
+    examples = [Example(id="0", messages=[{"role": "user", "content": "hi"}], seen_titles=[], groundtruth=[])]
+    for flag in (True, False):
+        training.greedy_completions(model, Tok(), examples, max_new_tokens=2, compile=flag)
+    assert seen == [True, False]
