@@ -104,6 +104,15 @@ class TrainRankGRPOConfig(TrainerConfig):
         parse_lr_schedule(self.lr_schedule)
 
 
+def decode_log(stats: dict | None) -> dict:
+    """--compile: the compiled decode's figures of this rollout for the log (graphs compiled during
+    it: 1 for each new shape bucket, 0 once warm; share of the static batch spent on finished or
+    padding rows)."""
+    if stats is None:
+        return {}
+    return {"decode/graphs_compiled": stats["graphs_compiled"], "decode/idle_row_frac": stats["idle_row_frac"]}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -184,7 +193,7 @@ def run(cfg) -> int:
             row = {"step": step + 1, "iteration": it, "loss": m.pop("loss"), "grad_norm": m.pop("grad_norm"),
                    "lr": optimizer.param_groups[0]["lr"], **listing, **m,
                    "time/sample": t_sample - t_start, **batch.times, "time/update": t_end - t_update,
-                   "samples_per_s": rollout.num_rows / (t_end - t_start)}
+                   "samples_per_s": rollout.num_rows / (t_end - t_start), **decode_log(rollout.decode_stats)}
             append_jsonl(log_path, row)
         step += 1
         bar.update(1)

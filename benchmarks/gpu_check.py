@@ -46,6 +46,7 @@ about a minute; tests/test_gpu_check.py runs it.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import subprocess
@@ -64,9 +65,11 @@ import torch  # noqa: E402
 
 import bench_gpu_step  # noqa: E402
 import bench_sampling  # noqa: E402
+from rankgrpo.compiled_decode import release_static_cache  # noqa: E402
 from rankgrpo.config import arg, parse_config  # noqa: E402
 from rankgrpo.io import atomic_write_json, atomic_write_text  # noqa: E402
 from rankgrpo.models import model_config, model_from_config, qwen25_05b_config, resolve_dtype  # noqa: E402
+from rankgrpo.sampling import sample  # noqa: E402
 
 GB = 1e9
 # name fragment (lower case, most specific first) -> (memory bandwidth GB/s, dense bf16 TFLOP/s),
@@ -105,6 +108,8 @@ class GPUCheckConfig:
     repeats: int = arg(2, "Timed runs of each sampler method, interleaved; the fastest counts.")
     rl_prompts: int = arg(48, "Prompts of the Rank-GRPO step (x G completions; --tiny: bench_gpu_step's tiny preset).")
     rl_steps: int = arg(1, "Timed Rank-GRPO steps (after one untimed warm-up step).")
+    rl_compile: bool = arg(False, "Sample the Rank-GRPO step with the compiled decode too (one more compile, "
+                                  "float32 weights: about a minute or two more).")
     peak_bandwidth_gbs: float = arg(0.0, "Memory bandwidth of the device in GB/s (0: look the device name up).")
     peak_tflops: float = arg(0.0, "Dense bf16 peak of the device in TFLOP/s (0: look the device name up).")
     seed: int = arg(0, "Seed of the weights, prompts and sampling.")
@@ -267,10 +272,13 @@ def run_sampler(cfg: GPUCheckConfig, peaks: dict) -> dict:
         row["vs_generate"] = row["tokens_per_s"] / best["generate"]["tokens_per_s"]
         row["share_of_bound"] = row["tokens_per_s"] / bound["tokens_per_s"] if bound["tokens_per_s"] else None
     # the compile counter of one more call: 0 means the timed runs replayed the warm-up's graph
-    from rankgrpo.sampling import sample
-
     stats = sample(model, prompts, group_size=cfg.group_size, max_new_tokens=cfg.new_tokens, eos_token_ids=never_id,
                    pad_token_id=0, compile=True, generator=torch.Generator(cfg.device).manual_seed(0)).decode_stats
+    release_static_cache(model)
+    if cfg.device.startswith("cuda"):  # free the compiled graphs' memory before the RL step measures its peaks
+        del model
+        gc.collect()
+        torch._dynamo.reset()
     return {"status": "passed", "n_params": n_params, "dtype": cfg.dtype, "rows": cfg.prompts * cfg.group_size,
             "prompts": cfg.prompts, "group_size": cfg.group_size, "prompt_len": cfg.prompt_len,
             "new_tokens": cfg.new_tokens, "methods": best,
@@ -286,6 +294,8 @@ def run_rl_step(cfg: GPUCheckConfig, out: Path) -> dict:
     else:
         argv = ["--device", cfg.device, "--prompts", str(cfg.rl_prompts), "--steps", str(cfg.rl_steps),
                 "--warmup-steps", "1"]
+    if cfg.rl_compile:
+        argv.append("--compile")
     r = bench_gpu_step.main([*argv, "--seed", str(cfg.seed), "--json", str(path)])
     mem = r["memory_gib"]
     return {"status": "passed", "argv": argv, "completions": r["completions_per_step"],

@@ -7,7 +7,7 @@ PyTorch's gpt-fast) is a one-token step with fixed shapes, compiled once and rep
 preallocated static KV cache, and `torch.compile(mode="reduce-overhead")`, which captures the
 step as a CUDA graph (one launch per token). On a CPU `torch.compile`'s default mode is used.
 
-What changes against the eager path (everything else is shared with it, see `decode_prompt_batch`):
+What changes against the eager path (the prefill and the choice of each token are shared with it):
 
 - The KV cache is a transformers `StaticCache` of [R, H, C, D] per layer, R rows by C
   positions, both rounded up to a shape bucket (`bucket_rows`, `bucket_cache_length`) so that
@@ -35,7 +35,9 @@ graph replays on fixed addresses); `release_static_cache(model)` frees it.
 
     rollout = sample(model, prompts, group_size=8, max_new_tokens=256, eos_token_ids=eos,
                      compile=True)
-    rollout.decode_stats   # {'buckets': [[384, 1024]], 'graphs_compiled': 1, 'idle_row_frac': 0.21, ...}
+    # 48 prompts of 512 tokens x G = 8 -> 384 rows, 512 + 256 positions -> bucket [384, 768]
+    rollout.decode_stats   # e.g. {'mode': 'reduce-overhead', 'buckets': [[384, 768]], 'graphs_compiled': 1,
+                           #       'caches_allocated': 1, 'steps': 256, 'idle_row_frac': 0.21}
 """
 from __future__ import annotations
 
@@ -167,7 +169,8 @@ class CompiledDecoder:
     """Decodes prompt batches for `sample` with the compiled step; collects `stats` over the call.
 
     Called like `rankgrpo.sampling._sample_prompt_batch` (same arguments, `compact_fraction`
-    ignored: finished rows stay). stats (what `Rollout.decode_stats` holds):
+    ignored: finished rows stay; an option it does not know, given a value other than None,
+    is refused). stats (what `Rollout.decode_stats` holds):
         mode             torch.compile mode ("reduce-overhead" or None for the default)
         buckets          [[rows, cache length], ...] of each prompt batch
         graphs_compiled  graphs torch compiled during this call: 0 when every bucket was
@@ -201,6 +204,12 @@ class CompiledDecoder:
         }
 
     def __call__(self, model, prompts, batch, out, *, compact_fraction=None, **options):
+        known = inspect.signature(self._decode).parameters
+        unsupported = sorted(k for k, v in options.items() if k not in known and v is not None)
+        if unsupported:
+            raise NotImplementedError(f"sample(compile=True) does not support {', '.join(unsupported)} yet; "
+                                      f"use compile=False")
+        options = {k: v for k, v in options.items() if k in known}
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             self._decode(model, prompts, batch, out, **options)
 

@@ -166,6 +166,9 @@ def test_compile_flag_reaches_the_sampler(monkeypatch):
     assert parse_config(train_rankgrpo.TrainRankGRPOConfig, ["--compile"]).compile
     assert not parse_config(train_rankgrpo.TrainRankGRPOConfig, []).compile
     assert parse_config(evaluate.EvaluateConfig, ["--model", "m", "--compile"]).compile
+    assert train_rankgrpo.decode_log(None) == {}
+    assert train_rankgrpo.decode_log({"graphs_compiled": 1, "idle_row_frac": 0.25, "steps": 9}) == {
+        "decode/graphs_compiled": 1, "decode/idle_row_frac": 0.25}
 
     seen = []
 
@@ -187,3 +190,14 @@ def test_compile_flag_reaches_the_sampler(monkeypatch):
     for flag in (True, False):
         training.greedy_completions(model, Tok(), examples, max_new_tokens=2, compile=flag)
     assert seen == [True, False]
+
+
+def test_options_the_compiled_path_lacks_are_refused(smooth_model):
+    """An option of the eager loop that the compiled one does not implement (e.g. a decoding
+    constraint) fails loudly instead of being ignored."""
+    from rankgrpo.compiled_decode import CompiledDecoder
+
+    with pytest.raises(NotImplementedError, match="does not support constraint"):
+        CompiledDecoder(smooth_model)(smooth_model, [[5, 6]], [0], None, G=1, max_new_tokens=2, temperature=1.0,
+                                      top_p=1.0, greedy=False, eos_ids=torch.tensor([1]), stop_after_items=None,
+                                      newline_counts=None, generator=None, pad_token_id=0, constraint=object())
