@@ -39,6 +39,9 @@ datasheet figures of the GPU (dense bf16 tensor-core FLOPs, no sparsity), looked
 name in PEAKS, or given with --peak-bandwidth-gbs / --peak-tflops. The measured speed of a
 device-to-device copy is reported next to them.
 
+The sampler and the Rank-GRPO step use random prompt token ids, so they need no tokenizer (the
+trainers in the tests use the sandbox world's own).
+
 Writes OUT/gpu_check.json (every figure) and OUT/gpu_check.md (the tables). `--tiny` runs
 every part on the CPU with tiny shapes (2-layer model, 1 prompt x G = 8, 24 new tokens) in
 about a minute; tests/test_gpu_check.py runs it.
@@ -316,15 +319,27 @@ def trainers_support_distributed() -> tuple[bool, str]:
                   "torchrun would only run independent copies"
 
 
+def trainer_has_flag(name: str) -> bool:
+    """Whether train_rankgrpo.py's config has a field `name` (e.g. "fsdp")."""
+    import dataclasses
+
+    import train_rankgrpo
+
+    return name in {f.name for f in dataclasses.fields(train_rankgrpo.TrainRankGRPOConfig)}
+
+
 def run_torchrun(cfg: GPUCheckConfig, out: Path, timeout_s: float) -> dict:
-    """Two Rank-GRPO steps on a tiny sandbox world: one process, then torchrun on two GPUs; the
-    largest absolute difference of the final weights."""
+    """Two Rank-GRPO steps on a tiny sandbox world: one process, then torchrun on two GPUs (DDP, and
+    FSDP2 when the trainer has --fsdp); the largest absolute difference of each result's final weights
+    from the one-process run."""
     n_gpus = torch.cuda.device_count() if cfg.device.startswith("cuda") else 0
     if n_gpus < 2:
         return {"status": "skipped", "reason": f"{n_gpus} GPU(s) visible; the data-parallel check needs 2"}
     supported, why = trainers_support_distributed()
     if not supported:
         return {"status": "skipped", "reason": why}
+    from transformers import AutoModelForCausalLM
+
     from rankgrpo.sandbox import SandboxConfig, build_world
 
     world = out / "world"
@@ -334,24 +349,29 @@ def run_torchrun(cfg: GPUCheckConfig, out: Path, timeout_s: float) -> dict:
               "--val-data", str(world / "validation.jsonl"), "--catalog", str(world / "catalog.jsonl"),
               "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "32",
               "--eval-every", "0", "--device", "cuda"]
-    runs = {"one_process": [sys.executable, *common, "--out", str(out / "rl_1")],
-            "torchrun_2": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *common,
-                           "--out", str(out / "rl_2")]}
-    for name, cmd in runs.items():
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    runs = {"one_process": ([sys.executable, *common], None),  # name -> (command, tolerance against it)
+            "torchrun_2_ddp": ([*torchrun, *common], 1e-4)}
+    if trainer_has_flag("fsdp"):
+        runs["torchrun_2_fsdp"] = ([*torchrun, *common, "--fsdp"], 1e-3)  # bf16 mixed precision
+    report = {}
+    for name, (cmd, tol) in runs.items():
+        cmd = [*cmd, "--out", str(out / name)]
         try:
             res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return {"status": "failed", "reason": f"{name} timed out", "command": " ".join(cmd)}
+            return {"status": "failed", "reason": f"{name} timed out", "command": " ".join(cmd), "runs": report}
         if res.returncode != 0:
             return {"status": "failed", "reason": f"{name} exited {res.returncode}", "command": " ".join(cmd),
-                    "stderr_tail": res.stderr[-3000:]}
-    from transformers import AutoModelForCausalLM
-
-    a = AutoModelForCausalLM.from_pretrained(out / "rl_1" / "final").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(out / "rl_2" / "final").state_dict()
-    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    return {"status": "passed" if diff <= 1e-4 else "failed", "max_abs_weight_diff": diff, "tolerance": 1e-4,
-            "commands": {k: " ".join(v) for k, v in runs.items()}}
+                    "stderr_tail": res.stderr[-3000:], "runs": report}
+        weights = AutoModelForCausalLM.from_pretrained(out / name / "final").state_dict()
+        if tol is None:
+            reference = weights
+            continue
+        diff = max(float((weights[k].float() - reference[k].float()).abs().max()) for k in reference)
+        report[name] = {"max_abs_weight_diff": diff, "tolerance": tol, "command": " ".join(cmd)}
+    ok = all(r["max_abs_weight_diff"] <= r["tolerance"] for r in report.values())
+    return {"status": "passed" if ok else "failed", "runs": report}
 
 
 # ----------------------------------------------------------------------------- report
@@ -411,10 +431,9 @@ def markdown(r: dict) -> str:
                   f"{q['samples_per_s']:.2f} samples/s, {q['completion_tokens_per_s']:,.0f} completion tokens/s; "
                   f"peak reserved {_fmt(q['peak_reserved_gib'], '.2f', ' GiB')}; weights, gradients, AdamW states and "
                   f"reference {q['analytic_static_gib']:.2f} GiB (analytic)."]
-    t = r["parts"].get("torchrun", {})
-    if t.get("status") in ("passed", "failed") and "max_abs_weight_diff" in t:
-        lines += ["", f"torchrun, 2 processes vs 1: largest weight difference {t['max_abs_weight_diff']:.2e} "
-                      f"(tolerance {t['tolerance']:g})."]
+    for name, run in r["parts"].get("torchrun", {}).get("runs", {}).items():
+        lines += ["", f"{name} against one process, 2 Rank-GRPO steps: largest weight difference "
+                      f"{run['max_abs_weight_diff']:.2e} (tolerance {run['tolerance']:g})."]
     return "\n".join(lines) + "\n"
 
 
@@ -437,7 +456,7 @@ def run(cfg: GPUCheckConfig) -> dict:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available (use --tiny)")
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()  # the test and torchrun parts run in the repository root
     out.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     peaks = device_peaks(env["device_name"], cfg.peak_bandwidth_gbs, cfg.peak_tflops)

@@ -2,7 +2,8 @@
 
 Why. The eager sampler runs one Hugging Face forward per new token: for a 24-layer model that
 is several hundred small kernels launched one by one from Python. At RL batch sizes on a GPU
-the launches, not the arithmetic or the memory traffic, set the speed. The remedy (the one of
+the launches, not the arithmetic or the memory traffic, are expected to set the speed (not yet
+measured here: benchmarks/gpu_check.py measures it against the decode bound). The remedy (the one of
 PyTorch's gpt-fast) is a one-token step with fixed shapes, compiled once and replayed: a
 preallocated static KV cache, and `torch.compile(mode="reduce-overhead")`, which captures the
 step as a CUDA graph (one launch per token). On a CPU `torch.compile`'s default mode is used.
