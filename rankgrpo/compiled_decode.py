@@ -217,7 +217,7 @@ class CompiledDecoder:
     @torch.inference_mode()
     def _decode(
         self, model, prompts, batch, out, *, G, max_new_tokens, temperature, top_p, greedy, eos_ids,
-        stop_after_items, newline_counts, generator, pad_token_id,
+        stop_after_items, line_counter, generator, pad_token_id,
     ):
         device = out.ids.device
         prefill_cache, logits, prompt_mask, prompt_lengths, index = _prefill(
@@ -245,7 +245,7 @@ class CompiledDecoder:
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
         ended_eos = torch.zeros(B, dtype=torch.bool, device=device)
         ended_items = torch.zeros(B, dtype=torch.bool, device=device)
-        lines = torch.zeros(B, dtype=torch.long, device=device)  # "\n" emitted so far
+        lines = line_counter.start(B, device) if line_counter is not None else None  # line-count state
         finished = torch.zeros(B, dtype=torch.bool, device=device)
 
         for t in range(max_new_tokens):
@@ -256,8 +256,8 @@ class CompiledDecoder:
             is_eos = torch.isin(tokens, eos_ids)
             at_item_limit = torch.zeros_like(is_eos)
             if stop_after_items is not None:
-                lines += newline_counts[tokens]
-                at_item_limit = ~is_eos & (lines >= stop_after_items)
+                lines = line_counter.update(lines, tokens)
+                at_item_limit = ~is_eos & (line_counter.closed(lines) >= stop_after_items)
             ends_now = ~finished if t == max_new_tokens - 1 else (is_eos | at_item_limit) & ~finished
             lengths.masked_fill_(ends_now, t + 1)
             ended_eos |= ends_now & is_eos

@@ -148,6 +148,25 @@ def test_prompt_batches_item_stop_and_no_recompile(smooth_model):
     assert_same_rollout(fresh, first, logprob_tol=0)
 
 
+def test_item_line_counter_stops_like_the_eager_path(smooth_model):
+    """The evaluation stop (lines that hold text, `rankgrpo.stopping.ItemLineCounter`) ends the
+    same rows at the same tokens in both paths: ids 20-27 are "\n", 28 is "\n\n", 30-49 are
+    blank, the rest are text."""
+    from rankgrpo.stopping import ItemLineCounter
+
+    texts = ["x"] * VOCAB
+    texts[20:28] = ["\n"] * 8
+    texts[28] = "\n\n"
+    texts[30:50] = [" "] * 20
+    counter = ItemLineCounter.from_texts(texts)
+    prompts = random_prompts([6, 4], seed=6)
+    kwargs = dict(group_size=4, max_new_tokens=24, eos_token_ids=[1, 2], stop_after_items=2, line_counter=counter)
+    eager = sample(smooth_model, prompts, **kwargs, compact_fraction=1.0, generator=torch.Generator().manual_seed(3))
+    compiled = sample(smooth_model, prompts, **kwargs, compile=True, generator=torch.Generator().manual_seed(3))
+    assert_same_rollout(compiled, eager)
+    assert compiled.stopped_at_items.any() and compiled.decode_stats["buckets"] == [BUCKET]
+
+
 def test_sliding_window_models_are_refused():
     config = model_config("qwen2", vocab_size=VOCAB, use_sliding_window=True, sliding_window=4, max_window_layers=0)
     model = model_from_config(config)
@@ -200,4 +219,4 @@ def test_options_the_compiled_path_lacks_are_refused(smooth_model):
     with pytest.raises(NotImplementedError, match="does not support constraint"):
         CompiledDecoder(smooth_model)(smooth_model, [[5, 6]], [0], None, G=1, max_new_tokens=2, temperature=1.0,
                                       top_p=1.0, greedy=False, eos_ids=torch.tensor([1]), stop_after_items=None,
-                                      newline_counts=None, generator=None, pad_token_id=0, constraint=object())
+                                      line_counter=None, generator=None, pad_token_id=0, constraint=object())
