@@ -71,6 +71,8 @@ class EvaluateConfig:
                                  "('chatml') or a Jinja file.")
     device: str = arg("", "Device for generation (default: cuda if available, else cpu).")
     dtype: str = arg("float32", "Model dtype for generation (bfloat16 on GPUs).")
+    compile: bool = arg(False, "Generate with a static KV cache and a compiled one-token step (CUDA graphs "
+                               "on a GPU); compiles once per shape bucket.")
     plot: bool = arg(False, "Write PNGs (needs matplotlib): per-rank hit curve, and training curves of --train-log.")
     train_log: list[str] = arg([], "Training logs (RUN/log.jsonl) to plot with --plot.")
 
@@ -134,7 +136,7 @@ def generate(cfg: EvaluateConfig, examples) -> list[str]:
     tokenizer, model = load_for_cli("--model", cfg.model, cfg.chat_template, dtype=cfg.dtype, device=device)
     return greedy_completions(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size, stop_after_items=cfg.stop_after_items or None,
-                              progress=True)
+                              progress=True, compile=cfg.compile)
 
 
 def check_inputs(cfg: EvaluateConfig) -> None:

@@ -94,6 +94,8 @@ class TrainRankGRPOConfig(TrainerConfig):
     val_examples: int = arg(64, "Validation examples for the periodic check.", min=1)
     save_every: int = arg(20, "Checkpoint every this many steps and at the end (0: off; final/ is always "
                               "written).", min=0)
+    compile: bool = arg(False, "Sample (rollouts and validation) with a static KV cache and a compiled "
+                               "one-token step (CUDA graphs on a GPU); compiles once per shape bucket.")
 
     def validate(self) -> None:
         self.apply_preset(PRESETS)
@@ -113,6 +115,15 @@ class TrainRankGRPOConfig(TrainerConfig):
             parse_lr_schedule(self.lr_schedule)
         except ValueError as e:
             raise ConfigError(f"--lr-schedule: {e}") from None
+
+
+def decode_log(stats: dict | None) -> dict:
+    """--compile: the compiled decode's figures of this rollout for the log (graphs compiled during
+    it: 1 for each new shape bucket, 0 once warm; share of the static batch spent on finished or
+    padding rows)."""
+    if stats is None:
+        return {}
+    return {"decode/graphs_compiled": stats["graphs_compiled"], "decode/idle_row_frac": stats["idle_row_frac"]}
 
 
 # ----------------------------------------------------------------------------- main
@@ -188,7 +199,7 @@ def run(cfg) -> int:
 
     def validate_now():
         row = {"step": step, **validate_generation(model, tokenizer, val, catalog, max_new_tokens=cfg.max_new_tokens,
-                                                    n_items=cfg.n_items)}
+                                                    n_items=cfg.n_items, compile=cfg.compile)}
         append_jsonl(log_path, row)
         tqdm.write(f"step {step}: val NDCG@20 {row['val_ndcg@20']:.4f} R@20 {row['val_recall@20']:.4f} "
                    f"in-catalog {row['val_in_catalog']:.3f}")
@@ -206,7 +217,7 @@ def run(cfg) -> int:
         rollout = sample(model, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
                          tokenizer=tokenizer, generator=generator,
-                         stop_after_items=cfg.stop_after_lines or None)
+                         stop_after_items=cfg.stop_after_lines or None, compile=cfg.compile)
         sync(torch.device(cfg.device))
         t_sample = time.perf_counter()
         # 2-4. score, advantages, segmentation, reference log-probs
@@ -224,7 +235,8 @@ def run(cfg) -> int:
             row = {"step": step + 1, "iteration": it, "loss": m.pop("loss"), "grad_norm": m.pop("grad_norm"),
                    "lr": optimizer.param_groups[0]["lr"], **listing, **m,
                    "time/sample": t_sample - t_start, **batch.times, "time/update": t_end - t_update,
-                   "samples_per_s": rollout.num_rows / (t_end - t_start), "prompts_truncated": len(truncated)}
+                   "samples_per_s": rollout.num_rows / (t_end - t_start), "prompts_truncated": len(truncated),
+                   **decode_log(rollout.decode_stats)}
             append_jsonl(log_path, row)
         step += 1
         bar.update(1)

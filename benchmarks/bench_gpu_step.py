@@ -113,6 +113,8 @@ class BenchGPUStepConfig:
     autocast: bool = arg(True, "bfloat16 autocast for the reference and policy log-prob passes "
                                "(train_rankgrpo.py --bf16).")
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass.")
+    compile: bool = arg(False, "Sample with the static-cache compiled decode (train_rankgrpo.py --compile); "
+                               "the warm-up step compiles.")
     lr: float = arg(1e-6, "AdamW learning rate (paper 1e-6); weight decay 0, betas (0.9, 0.99).")
     beta: float = arg(1e-3, "KL coefficient to the reference model (paper 1e-3).")
     max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
@@ -223,7 +225,8 @@ def rl_step(cfg, policy, reference, optimizer, prompts, eos_id, sample_gen, rel_
     # 1. rollout (the trainer samples outside autocast)
     policy.eval()
     rollout = sample(policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                     temperature=1.0, eos_token_ids=eos_id, pad_token_id=0, generator=sample_gen)
+                     temperature=1.0, eos_token_ids=eos_id, pad_token_id=0, generator=sample_gen,
+                     compile=cfg.compile)
     stage_done("sample")
 
     # 2. synthetic scoring and segmentation
@@ -310,7 +313,8 @@ def run(cfg: BenchGPUStepConfig) -> dict:
           f"heads {c.num_attention_heads}/{c.num_key_value_heads}, MLP {c.intermediate_size}, vocab {vocab}")
     print(f"precision: {cfg.weights_dtype} weights/gradients/AdamW states"
           f"{', bfloat16 autocast for the log-prob passes' if cfg.autocast else ', no autocast'}; "
-          f"sampling in {cfg.weights_dtype}; gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
+          f"sampling in {cfg.weights_dtype}{' (compiled decode)' if cfg.compile else ''}; "
+          f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
     print(f"step: {cfg.prompts} prompts x G={cfg.group_size} = {cfg.prompts * cfg.group_size} completions, "
           f"prompts {cfg.prompt_len} tokens, completions up to {cfg.max_new_tokens}, N={cfg.n_items}, "
           f"micro-batch {cfg.micro_batch_size}, lr {cfg.lr:g}, beta {cfg.beta:g}")

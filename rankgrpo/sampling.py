@@ -72,6 +72,8 @@ class Rollout:
         group_size        G
         temperature, top_p, greedy           the sampling settings
         pad_token_id      the id written after each row's end
+        decode_stats      with sample(compile=True): shape buckets, graphs compiled during the
+                          call, idle share of the static batch (see rankgrpo.compiled_decode)
 
     T is the longest completion in the batch (at most max_new_tokens). Exactly one of
     ended_with_eos, stopped_at_items, truncated is True in each row.
@@ -96,6 +98,7 @@ class Rollout:
     top_p: float
     greedy: bool
     pad_token_id: int
+    decode_stats: dict | None = None
 
     @property
     def num_rows(self) -> int:
@@ -330,6 +333,7 @@ def sample(
     pad_token_id: int | None = None,
     prompt_batch_size: int | None = None,
     compact_fraction: float = 0.125,
+    compile: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt with a KV cache; see the module docstring.
 
@@ -361,6 +365,9 @@ def sample(
         compact_fraction: finished rows are dropped from the batch and the KV cache once they
             make up this fraction of it (0: as soon as any row finishes). Dropping copies the
             cache, so waiting for a few rows bounds both the copies and the wasted decoding.
+        compile: decode with a static KV cache and a compiled one-token step (CUDA graphs on
+            a GPU); same tokens and log-probs, finished rows stay in the batch. See
+            `rankgrpo.compiled_decode`; its figures go to `Rollout.decode_stats`.
 
     Returns: a `Rollout` (completion_ids [P*G, T], completion_mask, logprobs, lengths, ...).
 
@@ -396,9 +403,14 @@ def sample(
     out = _Outputs(len(prompts) * G, max_new_tokens, pad_token_id, device)
     order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p]))  # similar lengths share a batch
     step = prompt_batch_size or len(prompts)
+    decode = _sample_prompt_batch
+    if compile:
+        from rankgrpo.compiled_decode import CompiledDecoder  # loads torch.compile only when asked
+
+        decode = CompiledDecoder(model)
     with _eval_mode(model):
         for start in range(0, len(prompts), step):
-            _sample_prompt_batch(
+            decode(
                 model, prompts, order[start : start + step], out,
                 G=G, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 greedy=greedy, eos_ids=eos_ids, stop_after_items=stop_after_items,
@@ -423,6 +435,7 @@ def sample(
         top_p=top_p,
         greedy=greedy,
         pad_token_id=pad_token_id,
+        decode_stats=decode.stats if compile else None,
     )
 
 

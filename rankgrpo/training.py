@@ -323,14 +323,15 @@ def start_from(cfg):
 @torch.no_grad()
 def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int,
                        batch_size: int = 32, stop_after_items: int | None = None,
-                       progress: bool = False) -> list[str]:
+                       progress: bool = False, compile: bool = False) -> list[str]:
     """Greedy lists, generated once per unique prompt and shared by examples with that prompt.
 
     A row stops at its eos or at ``max_new_tokens`` (the paper: 1,024, PAPER.md 8.2), or, with
     ``stop_after_items``, once it has closed that many lines holding text
     (``rankgrpo.stopping.ItemLineCounter``: blank lines never count; a preamble line does).
     Give N plus a margin for the lines the scoring drops (preamble, seen, out-of-catalog and
-    repeated items), since filtered lists shift up and later items reach the top N."""
+    repeated items), since filtered lists shift up and later items reach the top N. ``compile``:
+    the sampler's static-cache compiled decode (``sample(..., compile=True)``)."""
     was_training = model.training
     model.eval()
     eos = eos_token_ids(model, tokenizer)
@@ -346,7 +347,7 @@ def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new
         chunk = keys[i:i + batch_size]
         ro = sample(model, [unique[k] for k in chunk], group_size=1, max_new_tokens=max_new_tokens, greedy=True,
                     eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                    stop_after_items=stop_after_items, line_counter=counter)
+                    stop_after_items=stop_after_items, line_counter=counter, compile=compile)
         for k, row, n in zip(chunk, ro.completion_ids, ro.lengths.tolist()):
             texts[k] = decode_completion(row[:n].tolist(), tokenizer)
     if was_training:
@@ -367,13 +368,15 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def validate_generation(model, tokenizer, examples: Sequence[Example], catalog: Catalog, *, max_new_tokens: int,
-                        n_items: int = 20, batch_size: int = 32, stop_margin: int = 10) -> dict:
+                        n_items: int = 20, batch_size: int = 32, stop_margin: int = 10,
+                        compile: bool = False) -> dict:
     """Greedy Recall/NDCG@{5,10,20}, in-catalog and format-valid ratios on ``examples`` (means only),
     under the paper's evaluation protocol.
 
     Generation stops at eos, ``max_new_tokens``, or once ``n_items + stop_margin`` lines with
     text are closed (room for lines the scoring filters out; see ``greedy_completions``)."""
     completions = greedy_completions(model, tokenizer, examples, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, stop_after_items=n_items + stop_margin)
+                                     batch_size=batch_size, stop_after_items=n_items + stop_margin,
+                                     compile=compile)
     agg, _ = score_examples(examples, completions, catalog, ks=(5, 10, 20), n_items=n_items)
     return {f"val_{k}": v["mean"] for k, v in agg.items() if isinstance(v, dict)}
