@@ -13,6 +13,7 @@ One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
     python train_rankgrpo.py --preset paper --model runs/sft/final --data train.jsonl --catalog catalog.jsonl
     python train_rankgrpo.py --algo grpo                         # the vanilla GRPO baseline
     python train_rankgrpo.py --out runs/rl --resume              # continue exactly
+    torchrun --nproc-per-node 4 train_rankgrpo.py ... [--fsdp]   # data parallel: each GPU owns 1/4 of the prompts
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ import torch
 from tqdm import tqdm
 
 from rankgrpo.catalog import load_catalog
-from rankgrpo.checkpoint import (load_trainer_state, rng_state, save_checkpoint, save_final, set_rng_state,
-                                 truncate_log)
+from rankgrpo.checkpoint import truncate_log
 from rankgrpo.config import arg, save_config
 from rankgrpo.data import chat_prompt_ids, load_examples
+from rankgrpo.distributed import (close_world, inference_model, init_world, prompt_generators, resume_training,
+                                  save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl
 from rankgrpo.models import load_model
 from rankgrpo.rl import prepare_batch, rollout_metrics, sync, update_pass
@@ -63,7 +65,8 @@ class TrainRankGRPOConfig(TrainerConfig):
     gamma: float = arg(0.0, "Gamma of the exp return (> 1).")
     group_size: int = arg(8, "G, completions per prompt (paper 8).")
     n_items: int = arg(20, "N, list length (paper 20).")
-    prompts_per_step: int = arg(0, "Prompts per RL step (0: preset; paper 48, so 384 completions).")
+    prompts_per_step: int = arg(0, "Prompts per RL step (0: preset; paper 48, so 384 completions); under "
+                                   "torchrun the global number, split evenly over the processes.")
     micro_batch_size: int = arg(0, "Completions per forward/backward pass (0: preset).")
     mu: int = arg(1, "Optimiser steps per sampled batch: 1 on-policy, 2 off-policy (reuses the batch).")
     steps: int = arg(0, "Sampling rounds (0: preset). Optimiser steps = steps * mu.")
@@ -111,6 +114,18 @@ def main(argv=None) -> int:
 
 def run(cfg) -> int:
     check_paths(data=cfg.data, val_data=cfg.val_data, catalog=cfg.catalog)
+    world = init_world(cfg.device, cfg.fsdp)
+    try:
+        return train(cfg, world)
+    finally:
+        close_world(world)
+
+
+def train(cfg, world) -> int:
+    if cfg.prompts_per_step % world.size:
+        raise SystemExit(f"error: --prompts-per-step {cfg.prompts_per_step} does not split evenly over "
+                         f"{world.size} processes (each owns whole groups)")
+    cfg.device = world.device
     resume_from, generator, tokenizer, model = start_from(cfg)
     reference = None
     if cfg.beta != 0:  # frozen copy of the *starting* checkpoint, also after a resume
@@ -122,53 +137,64 @@ def run(cfg) -> int:
     if any(not e.groundtruth for e in examples):
         print(f"warning: {sum(not e.groundtruth for e in examples)} example(s) without ground truth "
               "(their rewards are all 0)", file=sys.stderr)
-    save_config(cfg, cfg.out)
+    if world.is_main:
+        save_config(cfg, cfg.out)
     eos_ids = eos_token_ids(model, tokenizer)
     prompt_ids = {}
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model = wrap_model(model, world, bf16=cfg.bf16)
+    if reference is not None:  # replicated (DDP) or sharded (FSDP2) like the policy
+        reference = wrap_model(reference, world, trainable=False, bf16=cfg.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = parse_lr_schedule(cfg.lr_schedule)
     step = 0
     log_path = f"{cfg.out}/log.jsonl"
     if resume_from:
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generator)
-        step = state["step"]
+        step = resume_training(world, resume_from, model, optimizer, generator)["step"]
         print(f"resumed from {resume_from} at step {step}")
-    truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
+    if world.is_main:
+        truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
     autocast = (lambda: torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)) \
         if cfg.bf16 else contextlib.nullcontext
     guard = NonFiniteGuard(cfg.max_nonfinite)
 
-    def validate_now():
-        row = {"step": step, **validate_generation(model, tokenizer, val, catalog, max_new_tokens=cfg.max_new_tokens,
-                                                    n_items=cfg.n_items)}
+    def validate_now():  # every rank validates on the whole set; rank 0 logs
+        with inference_model(model) as m:
+            row = {"step": step, **validate_generation(m, tokenizer, val, catalog, max_new_tokens=cfg.max_new_tokens,
+                                                        n_items=cfg.n_items)}
+        if not world.is_main:
+            return
         append_jsonl(log_path, row)
         tqdm.write(f"step {step}: val NDCG@20 {row['val_ndcg@20']:.4f} R@20 {row['val_recall@20']:.4f} "
                    f"in-catalog {row['val_in_catalog']:.3f}")
 
     if step == 0 and cfg.eval_every and not resume_from:
         validate_now()
-    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.algo, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.algo, dynamic_ncols=True, disable=not world.is_main)
     while step < cfg.steps:
         t_start = time.perf_counter()
-        step_examples = [examples[i] for i in indices_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)]
+        step_indices = indices_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)
+        positions = world.shard(range(cfg.prompts_per_step), "prompts")  # this rank's whole groups
+        step_examples = [examples[step_indices[j]] for j in positions]
         prompts = [prompt_ids.setdefault(ex.id, chat_prompt_ids(tokenizer, ex)) for ex in step_examples]
 
-        # 1. rollout
+        # 1. rollout: prompt j of the step samples from a generator of (seed, step, j) alone, so
+        # its group is the same on any rank of any world size
         model.eval()
-        rollout = sample(model, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                         tokenizer=tokenizer, generator=generator,
-                         stop_after_items=cfg.stop_after_lines or None)
+        with inference_model(model) as m:
+            rollout = sample(m, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, eos_token_ids=eos_ids,
+                             pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                             generator=prompt_generators(cfg.seed, step, positions, cfg.device),
+                             stop_after_items=cfg.stop_after_lines or None)
         sync(torch.device(cfg.device))
         t_sample = time.perf_counter()
         # 2-4. score, advantages, segmentation, reference log-probs
-        batch = prepare_batch(rollout, step_examples, tokenizer, catalog, cfg, reference=reference, autocast=autocast)
+        batch = prepare_batch(rollout, step_examples, tokenizer, catalog, cfg, reference=reference, autocast=autocast,
+                              world=world)
         listing = rollout_metrics(batch, cfg.group_size, cfg.n_items)
 
         # 5. mu optimiser steps on this batch
@@ -177,13 +203,15 @@ def run(cfg) -> int:
         for it in range(cfg.mu):
             for g in optimizer.param_groups:
                 g["lr"] = step_schedule(step * cfg.mu + it, cfg.lr, schedule)
-            m = update_pass(model, optimizer, batch, cfg, guard=guard, step=step, autocast=autocast)
+            m = update_pass(model, optimizer, batch, cfg, guard=guard, step=step, autocast=autocast, world=world)
             t_end = time.perf_counter()
             row = {"step": step + 1, "iteration": it, "loss": m.pop("loss"), "grad_norm": m.pop("grad_norm"),
                    "lr": optimizer.param_groups[0]["lr"], **listing, **m,
                    "time/sample": t_sample - t_start, **batch.times, "time/update": t_end - t_update,
                    "samples_per_s": rollout.num_rows / (t_end - t_start)}
-            append_jsonl(log_path, row)
+            row = world.mean_metrics(row, sums=("samples_per_s",))  # global means; samples/s summed
+            if world.is_main:
+                append_jsonl(log_path, row)
         step += 1
         bar.update(1)
         bar.set_postfix(r1=f"{row['reward/rank_1']:.2f}", dcg=f"{row['reward/dcg']:.3f}",
@@ -191,12 +219,12 @@ def run(cfg) -> int:
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             validate_now()
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(cfg.out, step, model, tokenizer, {"optimizer": optimizer.state_dict(),
-                                                               "rng": rng_state(generator)},
-                            keep_last=cfg.keep_checkpoints)
+            save_training_checkpoint(world, cfg.out, step, model, tokenizer, optimizer, generator, {},
+                                     keep_last=cfg.keep_checkpoints)
     bar.close()
-    save_final(cfg.out, model, tokenizer)
-    print(f"final weights: {cfg.out}/final")
+    save_final_weights(world, cfg.out, model, tokenizer)
+    if world.is_main:
+        print(f"final weights: {cfg.out}/final")
     return 0
 
 

@@ -160,7 +160,8 @@ def newline_counts_from_tokenizer(tokenizer, vocab_size: int | None = None) -> t
 
 
 def _supports_logits_to_keep(model) -> bool:
-    return _forward_accepts_logits_to_keep(type(model))
+    # a DistributedDataParallel wrapper forwards keyword arguments to the model in `.module`
+    return _forward_accepts_logits_to_keep(type(getattr(model, "module", model)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,12 +276,14 @@ def choose_tokens(
     top_p: float,
     greedy: bool,
     generator: torch.Generator | None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row and return (tokens [N], logprobs [N]).
 
     logits: float32 [N, V]. The log-prob is that of the distribution the token came from:
     log softmax(logits / T), restricted to and renormalised over the nucleus when top_p < 1.
     Greedy rows take the argmax and report log softmax(logits / T) (T = 1 when T = 0).
+    uniform: optional U(0, 1) draws [N, V] to sample with instead of drawing from `generator`.
     """
     logprobs = (logits / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
     if greedy:
@@ -290,7 +293,9 @@ def choose_tokens(
             logprobs = top_p_logprobs(logprobs, top_p)
         # Exponential race, exact sampling from probs: argmax_v p_v / E_v with E_v ~ Exp(1)
         # (what torch.multinomial does for one draw, with a faster Exp(1) = -log U).
-        race = torch.rand(logprobs.shape, generator=generator, device=logprobs.device).log_().neg_()
+        if uniform is None:
+            uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)
+        race = uniform.log_().neg_()
         tokens = (logprobs.exp() / race).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -322,7 +327,7 @@ def sample(
     greedy: bool = False,
     eos_token_ids: int | Iterable[int],
     stop_after_items: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     newline_counts: torch.Tensor | None = None,
     tokenizer=None,
     pad_token_id: int | None = None,
@@ -345,7 +350,10 @@ def sample(
             which is part of the completion (and of its mask).
         stop_after_items: stop a row once it has emitted this many "\\n" characters (closed this
             many lines / ranked items). Needs `newline_counts` or `tokenizer`.
-        generator: torch.Generator on the model's device, for reproducible sampling.
+        generator: torch.Generator on the model's device, for reproducible sampling; or a list
+            of P generators, one per prompt: prompt p's group then draws only from generator p,
+            so its completions do not depend on which other prompts are sampled with it (the
+            same prompt gives the same group alone, in any batch, on any data-parallel rank).
         newline_counts: LongTensor [V], "\\n" characters per token id (see
             `newline_counts_from_tokenizer`).
         tokenizer: used only to build `newline_counts` when that is not given.
@@ -383,6 +391,8 @@ def sample(
         newline_counts = newline_counts.to(device)
 
     prompts = [list(map(int, p)) for p in prompts]
+    if isinstance(generator, Sequence) and len(generator) != len(prompts):
+        raise ValueError(f"{len(generator)} generators for {len(prompts)} prompts; give one per prompt")
     G = group_size
     out = _Outputs(len(prompts) * G, max_new_tokens, pad_token_id, device)
     order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p]))  # similar lengths share a batch
@@ -464,9 +474,12 @@ def _sample_prompt_batch(
     lines = torch.zeros(len(rows), dtype=torch.long, device=device)  # "\n" emitted so far
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
 
+    per_prompt = isinstance(generator, Sequence) and not greedy
     for t in range(max_new_tokens):
         tokens, logprobs = choose_tokens(
-            logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
+            logits, temperature=temperature, top_p=top_p, greedy=greedy,
+            generator=None if per_prompt else generator,
+            uniform=_group_uniforms(generator, rows, G, logits.shape[-1]) if per_prompt else None,
         )
         out.ids[rows, t] = tokens
         out.logprobs[rows, t] = logprobs
@@ -498,6 +511,20 @@ def _sample_prompt_batch(
             position_ids=positions[:, None], past_key_values=cache, use_cache=True,
         )
         positions = positions + 1
+
+
+def _group_uniforms(generators: Sequence[torch.Generator], rows: torch.Tensor, G: int, V: int) -> torch.Tensor:
+    """U(0, 1) draws [len(rows), V] for one decoding step, row r's from generators[r // G].
+
+    Every prompt with a row still in the batch draws a full [G, V] block from its own generator,
+    whichever of its rows are left, so sample s of prompt p at step t always uses row s of the
+    t-th block of generator p. Example: G = 2, rows [0, 1, 5] -> prompt 0 draws u0 [2, V],
+    prompt 2 draws u2 [2, V]; the result is [u0[0], u0[1], u2[1]]."""
+    prompt = rows // G
+    present = torch.unique(prompt)  # sorted
+    blocks = torch.cat([torch.rand(G, V, generator=generators[p], device=rows.device)
+                        for p in present.tolist()])
+    return blocks[torch.searchsorted(present, prompt) * G + rows % G]
 
 
 # --------------------------------------------------------------------------------------

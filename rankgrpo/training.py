@@ -37,6 +37,8 @@ class TrainerConfig:
     keep_checkpoints: int = arg(2, "Checkpoints kept on disk.")
     resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
     max_nonfinite: int = arg(5, "Abort after this many non-finite losses in a row.")
+    fsdp: bool = arg(False, "Under torchrun: shard parameters, gradients and optimizer state over the processes "
+                            "(FSDP2) instead of replicating the model on each (DDP).")
 
     def apply_preset(self, presets: dict[str, dict]) -> None:
         """Fill every field still at 0 from ``presets[self.preset]`` (the resolved values are what
