@@ -7,6 +7,8 @@ Three ways in (PAPER.md section 8):
     # an existing predictions file (JSONL, one completion per example, aligned by id or by line)
     python evaluate.py --data test.jsonl --catalog catalog.jsonl --predictions preds.jsonl
     python evaluate.py --data train_sample.jsonl --catalog gt_catalog.pkl --predictions-from-field completion
+    # the same on several GPUs: each process generates for its share of the unique prompts
+    torchrun --nproc-per-node 4 evaluate.py --model runs/rankgrpo/final --data test.jsonl --out runs/eval/rl
     # several finished evaluations in one table (and one per-rank hit plot with --plot)
     python evaluate.py --compare runs/eval/sft runs/eval/rl --plot --out runs/eval
 
@@ -98,18 +100,30 @@ def _plots(cfg: EvaluateConfig, curves: dict) -> None:
         print(f"wrote {plot_training(log, out / f'training_{name}.png')}")
 
 
-def generate(cfg: EvaluateConfig, examples) -> list[str]:
+def generate(cfg: EvaluateConfig, examples) -> list[str] | None:
+    """Greedy completions, one per example; under torchrun rank r generates for every W-th unique
+    prompt, rank 0 gathers them all and the other ranks get None (and write nothing)."""
     import torch
 
+    from rankgrpo.distributed import close_world, init_world
     from rankgrpo.models import load_model, load_tokenizer
     from rankgrpo.training import check_tokenizer_matches, greedy_completions
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    check_tokenizer_matches(model, tokenizer, cfg.model)
-    return greedy_completions(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
-                              batch_size=cfg.batch_size, n_items=cfg.n_items, progress=True)
+    world = init_world(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, dtype=cfg.dtype, device=world.device)
+        check_tokenizer_matches(model, tokenizer, cfg.model)
+        mine = set(list(dict.fromkeys(ex.prompt_text for ex in examples))[world.rank::world.size])
+        own = [ex for ex in examples if ex.prompt_text in mine]
+        texts = greedy_completions(model, tokenizer, own, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size, n_items=cfg.n_items, progress=world.is_main)
+        by_prompt = {}
+        for part in world.gather_objects({ex.prompt_text: t for ex, t in zip(own, texts)}):
+            by_prompt.update(part)
+    finally:
+        close_world(world)
+    return [by_prompt[ex.prompt_text] for ex in examples] if world.is_main else None
 
 
 def main(argv=None) -> int:
@@ -130,6 +144,8 @@ def main(argv=None) -> int:
             completions = load_predictions(cfg.predictions, examples)
         else:
             completions = generate(cfg, examples)
+            if completions is None:  # a torchrun rank other than 0: its lists went to rank 0
+                return 0
     except (DataError, CatalogError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -184,8 +184,8 @@ def train(cfg, world) -> int:
         # 1. rollout: prompt j of the step samples from a generator of (seed, step, j) alone, so
         # its group is the same on any rank of any world size
         model.eval()
-        with inference_model(model) as m:
-            rollout = sample(m, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+        with inference_model(model) as policy:
+            rollout = sample(policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, eos_token_ids=eos_ids,
                              pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
                              generator=prompt_generators(cfg.seed, step, positions, cfg.device),

@@ -186,7 +186,8 @@ def wrap_model(model: torch.nn.Module, world: World, *, trainable: bool = True, 
             return model
         from torch.nn.parallel import DistributedDataParallel
         on_gpu = torch.device(world.device).type == "cuda"
-        ddp = DistributedDataParallel(model, device_ids=[world.local_rank] if on_gpu else None)
+        ddp = DistributedDataParallel(model, device_ids=[world.local_rank] if on_gpu else None,
+                                      gradient_as_bucket_view=True)  # no second copy of the gradients
         ddp.register_comm_hook(None, _sum_allreduce_hook)
         return ddp
     if world.mode == "fsdp":
