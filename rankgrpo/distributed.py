@@ -20,8 +20,9 @@ seeded from (seed, s, j) (``prompt_generators``), so a prompt gets the same comp
 of 1 as on rank 3 of 4, and W processes train like one, up to float summation order.
 
 Checkpoints: rank 0 writes the HF weights (gathered from the shards under FSDP2) and one
-``trainer_state.pt`` holding the optimizer state (FSDP2: gathered to a full, name-keyed state on
-rank 0's CPU), the RNG state of every rank and the world size. A resume needs the same world size.
+``trainer_state.pt`` holding the optimizer state (DDP: rank 0's, every replica has the same), the
+RNG state of every rank and the world size. Under FSDP2 each rank writes its own optimizer shard,
+``optimizer-rank{r}.pt``, into the same checkpoint. A resume needs the same world size and mode.
 """
 from __future__ import annotations
 
@@ -306,22 +307,31 @@ def hf_weights(model, world: World) -> _HFWeights:
     return _HFWeights(model, sd)
 
 
-def optimizer_state(model, optimizer, world: World) -> dict:
-    """The optimizer state to save (collective under FSDP2: a full, parameter-name-keyed state on rank 0)."""
-    if world.mode != "fsdp":
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def optimizer_shard_name(rank: int) -> str:
+    return f"optimizer-rank{rank}.pt"
 
 
-def load_optimizer_state(model, optimizer, state: dict, world: World) -> None:
-    if world.mode != "fsdp":
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state if world.is_main else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+def local_optimizer_state(optimizer) -> dict:
+    """This rank's optimizer state with FSDP2's DTensors replaced by their local shards (plain tensors)."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: v.to_local().cpu() if hasattr(v, "to_local") else v for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+    return sd
+
+
+def load_local_optimizer_state(optimizer, sd: dict) -> None:
+    """Inverse of ``local_optimizer_state``: each shard becomes a DTensor laid out like its parameter."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                          stride=p.stride())
+                    if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v
+                    for k, v in st.items()}
+    optimizer.load_state_dict({**sd, "state": state})
 
 
 def trainer_state_fields(world: World, rng_states: list) -> dict:
@@ -347,14 +357,27 @@ def save_training_checkpoint(world: World, run_dir, step: int, model, tokenizer,
                              state: dict, keep_last: int) -> None:
     """Every rank calls this: the weights and optimizer state are gathered (FSDP2) and every rank's
     RNG collected; rank 0 writes ``checkpoints/step-*`` atomically (``save_checkpoint``)."""
-    from rankgrpo.checkpoint import rng_state, save_checkpoint
+    from rankgrpo.checkpoint import checkpoint_dir, rng_state, save_checkpoint
 
     weights = hf_weights(model, world)
-    opt = optimizer_state(model, optimizer, world)
     rngs = world.gather_objects(rng_state(generator))
+    shards = []
+    if world.mode == "fsdp":  # every rank writes its shard next to where the checkpoint will be
+        staging = checkpoint_dir(run_dir) / f".step-{step:06d}.shards"  # pruned if a save is killed
+        if world.is_main:
+            staging.mkdir(parents=True, exist_ok=True)
+        world.barrier()
+        shard = staging / optimizer_shard_name(world.rank)
+        torch.save(local_optimizer_state(optimizer), shard)
+        with open(shard, "rb") as fh:
+            os.fsync(fh.fileno())
+        world.barrier()
+        shards = [staging / optimizer_shard_name(r) for r in range(world.size)]
     if world.is_main:
+        opt = None if world.mode == "fsdp" else optimizer.state_dict()
         save_checkpoint(run_dir, step, weights, tokenizer,
-                        {"optimizer": opt, **state, **trainer_state_fields(world, rngs)}, keep_last=keep_last)
+                        {"optimizer": opt, **state, **trainer_state_fields(world, rngs)},
+                        keep_last=keep_last, move_in=shards)  # its pruning removes the emptied staging
     world.barrier()
 
 
@@ -365,7 +388,11 @@ def resume_training(world: World, ckpt, model, optimizer, generator) -> dict:
 
     state = load_trainer_state(ckpt)
     check_resumable(state, world, ckpt)
-    load_optimizer_state(model, optimizer, state["optimizer"], world)
+    if world.mode == "fsdp":
+        shard = torch.load(Path(ckpt) / optimizer_shard_name(world.rank), map_location="cpu", weights_only=False)
+        load_local_optimizer_state(optimizer, shard)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state.get("rng_per_rank", [state["rng"]])[world.rank], generator)
     return state
 

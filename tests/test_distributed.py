@@ -185,6 +185,8 @@ def test_rl_rank_mean_fsdp_equals_one_process_and_resumes_after_sigkill(world, s
     one, fsdp = final_weights(tmp_path / "one"), final_weights(tmp_path / "fsdp")
     assert max_abs_diff(one, fsdp) <= 1e-5
     same_rollouts_and_global_means(tmp_path / "one", tmp_path / "fsdp")
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000003"
+    assert {"optimizer-rank0.pt", "optimizer-rank1.pt", "trainer_state.pt"} <= {p.name for p in ckpt.iterdir()}
     config = json.loads((tmp_path / "fsdp" / "final" / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]  # loads in plain transformers, not FSDP's subclass
 
