@@ -37,8 +37,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MODES = ("single", "ddp", "fsdp")
-
 
 def launched_by_torchrun() -> bool:
     """torchrun (torch.distributed.run) sets RANK, WORLD_SIZE and LOCAL_RANK in every process."""
