@@ -7,6 +7,8 @@ Three ways in (PAPER.md section 8):
     # an existing predictions file (JSONL, one completion per example, aligned by id or by line)
     python evaluate.py --data test.jsonl --catalog catalog.jsonl --predictions preds.jsonl
     python evaluate.py --data train_sample.jsonl --catalog gt_catalog.pkl --predictions-from-field completion
+    # the same on several GPUs: each process generates for its share of the unique prompts
+    torchrun --nproc-per-node 4 evaluate.py --model runs/rankgrpo/final --data test.jsonl --out runs/eval/rl
     # several finished evaluations in one table (and one per-rank hit plot with --plot)
     python evaluate.py --compare runs/eval/sft runs/eval/rl --plot --out runs/eval
 
@@ -127,16 +129,29 @@ def _plots(cfg: EvaluateConfig, curves: dict) -> None:
         print(f"wrote {plot_training(log, out / f'training_{name}.png')}")
 
 
-def generate(cfg: EvaluateConfig, examples) -> list[str]:
+def generate(cfg: EvaluateConfig, examples) -> list[str] | None:
+    """Greedy completions, one per example; under torchrun rank r generates for every W-th unique
+    prompt, rank 0 gathers them all and the other ranks get None (and write nothing)."""
     import torch
 
+    from rankgrpo.distributed import close_world, init_world
     from rankgrpo.training import greedy_completions, load_for_cli
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model = load_for_cli("--model", cfg.model, cfg.chat_template, dtype=cfg.dtype, device=device)
-    return greedy_completions(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
-                              batch_size=cfg.batch_size, stop_after_items=cfg.stop_after_items or None,
-                              progress=True, compile=cfg.compile)
+    world = init_world(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        tokenizer, model = load_for_cli("--model", cfg.model, cfg.chat_template, dtype=cfg.dtype,
+                                        device=world.device)
+        mine = set(list(dict.fromkeys(ex.prompt_text for ex in examples))[world.rank::world.size])
+        own = [ex for ex in examples if ex.prompt_text in mine]
+        texts = greedy_completions(model, tokenizer, own, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size, stop_after_items=cfg.stop_after_items or None,
+                                   progress=world.is_main, compile=cfg.compile)
+        by_prompt = {}
+        for part in world.gather_objects({ex.prompt_text: t for ex, t in zip(own, texts)}):
+            by_prompt.update(part)
+    finally:
+        close_world(world)
+    return [by_prompt[ex.prompt_text] for ex in examples] if world.is_main else None
 
 
 def check_inputs(cfg: EvaluateConfig) -> None:
@@ -174,6 +189,8 @@ def run(cfg: EvaluateConfig) -> int:
             completions = load_predictions(cfg.predictions, examples)
         else:
             completions = generate(cfg, examples)
+            if completions is None:  # a torchrun rank other than 0: its lists went to rank 0
+                return 0
     except (DataError, CatalogError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
     python train_rankgrpo.py --preset paper --model runs/sft/final --data train.jsonl --catalog catalog.jsonl
     python train_rankgrpo.py --algo grpo                         # the vanilla GRPO baseline
     python train_rankgrpo.py --out runs/rl --resume              # continue exactly
+    torchrun --nproc-per-node 4 train_rankgrpo.py ... [--fsdp]   # data parallel: each GPU owns 1/4 of the prompts
 
 Prompts longer than --max-prompt-length (2,048) keep their last tokens; RUN/data_report.json and
 the log's prompts_truncated count them.
@@ -29,10 +30,11 @@ import torch
 from tqdm import tqdm
 
 from rankgrpo.catalog import load_catalog
-from rankgrpo.checkpoint import (load_trainer_state, rng_state, save_checkpoint, save_final, set_rng_state,
-                                 truncate_log)
+from rankgrpo.checkpoint import truncate_log
 from rankgrpo.config import ConfigError, arg, save_config
 from rankgrpo.data import chat_prompt_ids, load_examples, truncate_left
+from rankgrpo.distributed import (close_world, inference_model, init_world, prompt_generators, resume_training,
+                                  save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.models import load_model
 from rankgrpo.rl import prepare_batch, rollout_metrics, sync, update_pass
@@ -66,7 +68,8 @@ class TrainRankGRPOConfig(TrainerConfig):
     gamma: float = arg(0.0, "Gamma of the exp return (> 1).", min=0)
     group_size: int = arg(8, "G, completions per prompt (paper 8).", min=2)
     n_items: int = arg(20, "N, list length (paper 20).", min=1)
-    prompts_per_step: int = arg(0, "Prompts per RL step (0: preset; paper 48, so 384 completions).", min=0)
+    prompts_per_step: int = arg(0, "Prompts per RL step (0: preset; paper 48, so 384 completions); under "
+                                   "torchrun the global number, split evenly over the processes.", min=0)
     micro_batch_size: int = arg(0, "Completions per forward/backward pass (0: preset).", min=0)
     mu: int = arg(1, "Optimiser steps per sampled batch: 1 on-policy, 2 off-policy (reuses the batch).", min=1)
     steps: int = arg(0, "Sampling rounds (0: preset). Optimiser steps = steps * mu.", min=0)
@@ -111,6 +114,9 @@ class TrainRankGRPOConfig(TrainerConfig):
             raise SystemExit("error: --reward exp needs --gamma > 1")
         if self.group_size < 2:
             raise SystemExit("error: --group-size must be at least 2 (advantages are normalised over the group)")
+        if self.fsdp and self.compile:
+            raise ConfigError("--compile with --fsdp: the compiled decode step has not been tried on FSDP2-sharded "
+                              "models yet; use DDP (drop --fsdp) or sample eagerly (drop --compile)")
         try:
             parse_lr_schedule(self.lr_schedule)
         except ValueError as e:
@@ -135,11 +141,23 @@ def main(argv=None) -> int:
 
 def run(cfg) -> int:
     check_paths(data=cfg.data, val_data=cfg.val_data, catalog=cfg.catalog)
+    world = init_world(cfg.device, cfg.fsdp)
+    try:
+        return train(cfg, world)
+    finally:
+        close_world(world)
+
+
+def train(cfg, world) -> int:
+    if cfg.prompts_per_step % world.size:
+        raise SystemExit(f"error: --prompts-per-step {cfg.prompts_per_step} does not split evenly over "
+                         f"{world.size} processes (each owns whole groups)")
     catalog = load_catalog(cfg.catalog)  # data first: a bad file fails before any model loads
     examples = load_examples(cfg.data)
     val_all = load_examples(cfg.val_data)
     val_report = val_all.report
     val = val_all[: cfg.val_examples]
+    cfg.device = world.device
     resume_from, generator, tokenizer, model = start_from(cfg)
     reference = None
     if cfg.beta != 0:  # frozen copy of the *starting* checkpoint, also after a resume
@@ -148,7 +166,8 @@ def run(cfg) -> int:
     if any(not e.groundtruth for e in examples):
         print(f"warning: {sum(not e.groundtruth for e in examples)} example(s) without ground truth "
               "(their rewards are all 0)", file=sys.stderr)
-    save_config(cfg, cfg.out)
+    if world.is_main:
+        save_config(cfg, cfg.out)
     eos_ids = eos_token_ids(model, tokenizer)
     prompt_ids = {}  # example id -> prompt token ids, left-truncated to --max-prompt-length
     truncated: dict[str, int] = {}  # example id -> prompt tokens cut, for the prompts tokenised so far
@@ -159,7 +178,7 @@ def run(cfg) -> int:
             ids = truncate_left(full, cfg.max_prompt_length) if cfg.max_prompt_length else full
             if len(ids) < len(full):
                 truncated[ex.id] = len(full) - len(ids)
-                if len(truncated) == 1:
+                if len(truncated) == 1 and world.is_main:
                     tqdm.write(f"note: prompt of example {ex.id} has {len(full)} tokens; its first "
                                f"{len(full) - len(ids)} were cut (--max-prompt-length {cfg.max_prompt_length}). "
                                "Such prompts are counted in the log (prompts_truncated) and data_report.json.")
@@ -174,54 +193,67 @@ def run(cfg) -> int:
             "prompts": {"tokenised": len(prompt_ids), "truncated": len(truncated),
                         "tokens_dropped": sum(truncated.values()), "truncated_ids": sorted(truncated)[:100]}})
 
-    for name, ex in (("data", examples), ("validation", val_all)):
-        if ex.report.counts:
-            print(f"rl data ({name}): {ex.report.summary()}", file=sys.stderr)
-    write_data_report()
+    if world.is_main:
+        for name, ex in (("data", examples), ("validation", val_all)):
+            if ex.report.counts:
+                print(f"rl data ({name}): {ex.report.summary()}", file=sys.stderr)
+        write_data_report()
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model = wrap_model(model, world, bf16=cfg.bf16)
+    if reference is not None:  # replicated (DDP) or sharded (FSDP2) like the policy
+        reference = wrap_model(reference, world, trainable=False, bf16=cfg.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = parse_lr_schedule(cfg.lr_schedule)
     step = 0
     log_path = f"{cfg.out}/log.jsonl"
     if resume_from:
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generator)
-        step = state["step"]
+        step = resume_training(world, resume_from, model, optimizer, generator)["step"]
         print(f"resumed from {resume_from} at step {step}")
-    truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
+    if world.is_main:
+        truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
     autocast = (lambda: torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)) \
         if cfg.bf16 else contextlib.nullcontext
     guard = NonFiniteGuard(cfg.max_nonfinite)
 
-    def validate_now():
-        row = {"step": step, **validate_generation(model, tokenizer, val, catalog, max_new_tokens=cfg.max_new_tokens,
-                                                    n_items=cfg.n_items, compile=cfg.compile)}
+    def validate_now():  # every rank validates on the whole set; rank 0 logs
+        with inference_model(model) as m:
+            row = {"step": step, **validate_generation(m, tokenizer, val, catalog, max_new_tokens=cfg.max_new_tokens,
+                                                        n_items=cfg.n_items, compile=cfg.compile)}
+        if not world.is_main:
+            return
         append_jsonl(log_path, row)
         tqdm.write(f"step {step}: val NDCG@20 {row['val_ndcg@20']:.4f} R@20 {row['val_recall@20']:.4f} "
                    f"in-catalog {row['val_in_catalog']:.3f}")
 
     if step == 0 and cfg.eval_every and not resume_from:
         validate_now()
-    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.algo, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.algo, dynamic_ncols=True, disable=not world.is_main)
     while step < cfg.steps:
         t_start = time.perf_counter()
-        step_examples = [examples[i] for i in indices_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)]
-        prompts = [prompt_for(ex) for ex in step_examples]
+        step_indices = indices_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)
+        # every rank tokenises the whole step (cheap), so prompts_truncated counts the same on all
+        global_prompts = [prompt_for(examples[i]) for i in step_indices]
+        positions = world.shard(range(cfg.prompts_per_step), "prompts")  # this rank's whole groups
+        step_examples = [examples[step_indices[j]] for j in positions]
+        prompts = [global_prompts[j] for j in positions]
 
-        # 1. rollout
+        # 1. rollout: prompt j of the step samples from a generator of (seed, step, j) alone, so
+        # its group is the same on any rank of any world size
         model.eval()
-        rollout = sample(model, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                         tokenizer=tokenizer, generator=generator,
-                         stop_after_items=cfg.stop_after_lines or None, compile=cfg.compile)
+        with inference_model(model) as policy:
+            rollout = sample(policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, eos_token_ids=eos_ids,
+                             pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                             generator=prompt_generators(cfg.seed, step, positions, cfg.device),
+                             stop_after_items=cfg.stop_after_lines or None, compile=cfg.compile)
         sync(torch.device(cfg.device))
         t_sample = time.perf_counter()
         # 2-4. score, advantages, segmentation, reference log-probs
-        batch = prepare_batch(rollout, step_examples, tokenizer, catalog, cfg, reference=reference, autocast=autocast)
+        batch = prepare_batch(rollout, step_examples, tokenizer, catalog, cfg, reference=reference, autocast=autocast,
+                              world=world)
         listing = rollout_metrics(batch, cfg.group_size, cfg.n_items)
 
         # 5. mu optimiser steps on this batch
@@ -230,14 +262,16 @@ def run(cfg) -> int:
         for it in range(cfg.mu):
             for g in optimizer.param_groups:
                 g["lr"] = step_schedule(step * cfg.mu + it, cfg.lr, schedule)
-            m = update_pass(model, optimizer, batch, cfg, guard=guard, step=step, autocast=autocast)
+            m = update_pass(model, optimizer, batch, cfg, guard=guard, step=step, autocast=autocast, world=world)
             t_end = time.perf_counter()
             row = {"step": step + 1, "iteration": it, "loss": m.pop("loss"), "grad_norm": m.pop("grad_norm"),
                    "lr": optimizer.param_groups[0]["lr"], **listing, **m,
                    "time/sample": t_sample - t_start, **batch.times, "time/update": t_end - t_update,
                    "samples_per_s": rollout.num_rows / (t_end - t_start), "prompts_truncated": len(truncated),
                    **decode_log(rollout.decode_stats)}
-            append_jsonl(log_path, row)
+            row = world.mean_metrics(row, sums=("samples_per_s",))  # global means; samples/s summed
+            if world.is_main:
+                append_jsonl(log_path, row)
         step += 1
         bar.update(1)
         bar.set_postfix(r1=f"{row['reward/rank_1']:.2f}", dcg=f"{row['reward/dcg']:.3f}",
@@ -245,15 +279,17 @@ def run(cfg) -> int:
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             validate_now()
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
-            save_checkpoint(cfg.out, step, model, tokenizer, {"optimizer": optimizer.state_dict(),
-                                                               "rng": rng_state(generator)},
-                            keep_last=cfg.keep_checkpoints)
+            save_training_checkpoint(world, cfg.out, step, model, tokenizer, optimizer, generator, {},
+                                     keep_last=cfg.keep_checkpoints)
     bar.close()
-    write_data_report()
-    print(f"rl prompts: {len(truncated)} of {len(prompt_ids)} tokenised prompts cut from the left to "
-          f"--max-prompt-length {cfg.max_prompt_length} ({sum(truncated.values())} tokens); {cfg.out}/data_report.json")
-    save_final(cfg.out, model, tokenizer)
-    print(f"final weights: {cfg.out}/final")
+    if world.is_main:
+        write_data_report()
+        print(f"rl prompts: {len(truncated)} of {len(prompt_ids)} tokenised prompts cut from the left to "
+              f"--max-prompt-length {cfg.max_prompt_length} ({sum(truncated.values())} tokens); "
+              f"{cfg.out}/data_report.json")
+    save_final_weights(world, cfg.out, model, tokenizer)
+    if world.is_main:
+        print(f"final weights: {cfg.out}/final")
     return 0
 
 

@@ -4,6 +4,7 @@
     python train_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --preset paper --bf16 \\
         --train-data demos/train.jsonl --val-data demos/validation.jsonl --catalog catalog.jsonl --out runs/sft
     python train_sft.py --out runs/sft --resume           # continue exactly where a run stopped
+    torchrun --nproc-per-node 4 train_sft.py ... [--fsdp]   # data parallel: each GPU takes 1/4 of every batch
 
 Writes RUN/config.json, RUN/log.jsonl, RUN/checkpoints/step-*/ (HF weights + optimizer,
 scheduler, RNG and step), RUN/final/ (HF format, what the next stage loads) and
@@ -21,13 +22,13 @@ import torch
 from tqdm import tqdm
 
 from rankgrpo.catalog import load_catalog
-from rankgrpo.checkpoint import (load_trainer_state, rng_state, save_checkpoint, save_final, set_rng_state,
-                                 truncate_log)
+from rankgrpo.checkpoint import truncate_log
 from rankgrpo.config import arg, save_config
 from rankgrpo.data import load_examples
-from rankgrpo.io import append_jsonl
+from rankgrpo.distributed import (clip_grad_norm, close_world, grad_sync, inference_model, init_world,
+                                  resume_training, save_final_weights, save_training_checkpoint, wrap_model)
+from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.losses import sft_loss
-from rankgrpo.io import atomic_write_json
 from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, collate_right_padded,
                                cosine_with_warmup, indices_for_step, run_script, start_from, tokenize_sft_split,
                                validate_generation)
@@ -54,7 +55,9 @@ class TrainSFTConfig(TrainerConfig):
                               min=0, max=1)
     weight_decay: float = arg(0.0, "AdamW weight decay.", min=0)
     micro_batch_size: int = arg(0, "Sequences per forward pass (0: from the preset).", min=0)
-    grad_accum: int = arg(0, "Micro-batches per optimiser step (0: from the preset).", min=0)
+    grad_accum: int = arg(0, "Micro-batches per optimiser step (0: from the preset). The global batch is "
+                             "micro_batch_size x grad_accum sequences whatever the number of processes; "
+                             "under torchrun each process takes an equal share of it.", min=0)
     epochs: int = arg(0, "Passes over the training demonstrations (0: from the preset).", min=0)
     max_steps: int = arg(0, "Stop after this many optimiser steps (0: epochs decide).", min=0)
     max_length: int = arg(1024, "Tokens per prompt + completion (0: no limit). A longer row loses prompt tokens "
@@ -94,6 +97,15 @@ def main(argv=None) -> int:
 
 def run(cfg) -> int:
     check_paths(train_data=cfg.train_data, val_data=cfg.val_data, catalog=cfg.catalog)
+    world = init_world(cfg.device, cfg.fsdp)
+    try:
+        return train(cfg, world)
+    finally:
+        close_world(world)
+
+
+def train(cfg, world) -> int:
+    cfg.device = world.device
     catalog = load_catalog(cfg.catalog)  # data first: a bad file fails before any model loads
     train = load_examples(cfg.train_data)
     val = load_examples(cfg.val_data)
@@ -104,78 +116,87 @@ def run(cfg) -> int:
     train_samples, train_report = tokenize_sft_split(tokenizer, train, cfg.max_length)
     val_samples, val_report = tokenize_sft_split(tokenizer, [e for e in val if e.completion is not None],
                                                  cfg.max_length)
-    save_config(cfg, cfg.out)
     report = {"max_length": cfg.max_length, "catalog": catalog.report.summary(),
               "train": {"file": cfg.train_data, "load": train.report.to_json(), "tokenize": train_report},
               "validation": {"file": cfg.val_data, "load": val.report.to_json(), "tokenize": val_report}}
-    atomic_write_json(f"{cfg.out}/data_report.json", report)
-    for split, r in (("train", train_report), ("validation", val_report)):
-        print(f"sft data ({split}): {r['kept']} of {r['rows']} rows kept; {r['prompt_truncated']} with the prompt "
-              f"cut from the left ({r['prompt_tokens_dropped']} tokens), {r['skipped_completion_too_long']} "
-              f"skipped (completion longer than --max-length {cfg.max_length})")
-    for split, ex in (("train", train), ("validation", val)):
-        if ex.report.counts:
-            print(f"sft data ({split}): {ex.report.summary()}")
-    print(f"sft data: details in {cfg.out}/data_report.json")
+    if world.is_main:  # every process tokenizes the same rows; rank 0 writes and reports
+        save_config(cfg, cfg.out)
+        atomic_write_json(f"{cfg.out}/data_report.json", report)
+        for split, r in (("train", train_report), ("validation", val_report)):
+            print(f"sft data ({split}): {r['kept']} of {r['rows']} rows kept; {r['prompt_truncated']} with the "
+                  f"prompt cut from the left ({r['prompt_tokens_dropped']} tokens), "
+                  f"{r['skipped_completion_too_long']} skipped (completion longer than --max-length {cfg.max_length})")
+        for split, ex in (("train", train), ("validation", val)):
+            if ex.report.counts:
+                print(f"sft data ({split}): {ex.report.summary()}")
+        print(f"sft data: details in {cfg.out}/data_report.json")
 
     window = cfg.micro_batch_size * cfg.grad_accum
     if len(train_samples) < window:
         raise SystemExit(f"error: {len(train_samples)} demonstrations, fewer than one batch of {window}")
+    if window % world.size:
+        raise SystemExit(f"error: the global batch (--micro-batch-size x --grad-accum = {window}) does not split "
+                         f"evenly over {world.size} processes")
     total_steps = cfg.max_steps or cfg.epochs * (len(train_samples) // window)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
+    model = wrap_model(model, world, bf16=cfg.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, total_steps, cfg.warmup_ratio))
     step = 0
     log_path = f"{cfg.out}/log.jsonl"
     if resume_from:
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        state = resume_training(world, resume_from, model, optimizer, generator)
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], generator)
         step = state["step"]
         print(f"resumed from {resume_from} at step {step}")
-    truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
+    if world.is_main:
+        truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
     autocast = (lambda: torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)) \
         if cfg.bf16 else contextlib.nullcontext
     guard = NonFiniteGuard(cfg.max_nonfinite)
     pad_id = tokenizer.pad_token_id
 
     def checkpoint():
-        save_checkpoint(cfg.out, step, model, tokenizer, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(generator)}, keep_last=cfg.keep_checkpoints)
+        save_training_checkpoint(world, cfg.out, step, model, tokenizer, optimizer, generator,
+                                 {"scheduler": scheduler.state_dict()}, keep_last=cfg.keep_checkpoints)
 
-    def evaluate_now():
-        row = {"step": step, "val_loss": validation_loss(model, val_samples, pad_id, cfg.device,
-                                                         cfg.micro_batch_size, autocast)}
-        if cfg.val_gen_examples > 0:
-            row.update(validate_generation(model, tokenizer, val[:cfg.val_gen_examples], catalog,
-                                           max_new_tokens=cfg.max_new_tokens, n_items=cfg.n_items))
+    def evaluate_now():  # every rank evaluates the whole validation set; rank 0 logs
+        with inference_model(model) as m:
+            row = {"step": step, "val_loss": validation_loss(m, val_samples, pad_id, cfg.device,
+                                                             cfg.micro_batch_size, autocast)}
+            if cfg.val_gen_examples > 0:
+                row.update(validate_generation(m, tokenizer, val[:cfg.val_gen_examples], catalog,
+                                               max_new_tokens=cfg.max_new_tokens, n_items=cfg.n_items))
+        if not world.is_main:
+            return
         append_jsonl(log_path, row)
         tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
-    bar = tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True, disable=not world.is_main)
     while step < total_steps:
         t0 = time.perf_counter()
         idx = indices_for_step(step, len(train_samples), window, cfg.seed)
-        micro = [[train_samples[i] for i in idx[j:j + cfg.micro_batch_size]]
-                 for j in range(0, window, cfg.micro_batch_size)]
-        window_tokens = sum(sum(s.labels_mask[1:]) for m in micro for s in m)
+        # a token mean over the whole global batch (all ranks, all micro-batches), not a mean of means
+        window_tokens = sum(sum(train_samples[i].labels_mask[1:]) for i in idx)
+        mine = world.shard(idx, "sequences")  # this rank's contiguous share (all of it in one process)
+        micro = [[train_samples[i] for i in mine[j:j + cfg.micro_batch_size]]
+                 for j in range(0, len(mine), cfg.micro_batch_size)]
         optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros(())
-        for mb in micro:
+        for j, mb in enumerate(micro):
             ids, attn, labels = (t.to(cfg.device) for t in collate_right_padded(mb, pad_id))
-            with autocast():
-                logits = model(input_ids=ids, attention_mask=attn).logits
-            # a token mean over the whole accumulation window, not a mean of micro-batch means
-            loss, _ = sft_loss(logits, labels, ids, denom=window_tokens)
-            loss.backward()
+            with grad_sync(model, j == len(micro) - 1):  # gradients summed over ranks once, at the end
+                with autocast():
+                    logits = model(input_ids=ids, attention_mask=attn).logits
+                loss, _ = sft_loss(logits, labels, ids, denom=window_tokens)
+                loss.backward()
             total_loss += loss.detach().float().cpu()
+        total_loss = world.all_reduce_sum(total_loss).cpu()
         if guard.ok(total_loss, step):
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
             optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
@@ -184,7 +205,7 @@ def run(cfg) -> int:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss.item():.3f}")
-        if cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
+        if world.is_main and cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
             append_jsonl(log_path, {"step": step, "loss": total_loss.item(), "lr": scheduler.get_last_lr()[0],
                                     "grad_norm": float(grad_norm), "tokens": window_tokens,
                                     "seconds": time.perf_counter() - t0})
@@ -195,8 +216,9 @@ def run(cfg) -> int:
     bar.close()
     if cfg.eval_every:
         evaluate_now()
-    save_final(cfg.out, model, tokenizer)
-    print(f"final weights: {cfg.out}/final")
+    save_final_weights(world, cfg.out, model, tokenizer)
+    if world.is_main:
+        print(f"final weights: {cfg.out}/final")
     return 0
 
 

@@ -22,7 +22,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -86,10 +86,12 @@ def _write_dir_atomically(final: Path, write) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any],
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, move_in: Sequence[Path] = ()) -> Path:
     """Write ``checkpoints/step-{step:06d}`` atomically and point ``latest`` at it.
 
     state: a picklable dict (optimizer/scheduler state dicts, RNG states, data position, ...).
+    move_in: files already written elsewhere on the same file system (e.g. each process's
+    optimizer shard) that become part of the checkpoint under their own names.
     """
     root = checkpoint_dir(run_dir)
     name = f"step-{step:06d}"
@@ -99,6 +101,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save({"step": step, **state}, tmp / STATE_FILE)
+        for f in move_in:
+            os.replace(f, tmp / Path(f).name)
         (tmp / COMPLETE).write_text(name)
 
     final = _write_dir_atomically(root / name, write)

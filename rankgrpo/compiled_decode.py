@@ -24,10 +24,12 @@ What changes against the eager path (the prefill and the choice of each token ar
   (positions not written yet are excluded by the causal rule, since the query sits at cache
   position `prompt width + t`).
 
-Same results. Tokens are drawn by `rankgrpo.sampling.choose_tokens` from the real rows'
+Same results. Tokens are drawn by `rankgrpo.sampling.choose_row_tokens` from the real rows'
 float32 logits only, so under one generator the token streams equal those of the eager path
 with compaction off (`compact_fraction=1`), and the behaviour log-probs are recorded the same
-way (same temperature and top-p semantics). A row still ends at its first eos, at
+way (same temperature and top-p semantics). Under a list of generators, one per prompt, each
+prompt's rows draw from their own generator, as in the eager path, so the streams are equal
+whatever the eager path's compaction. A row still ends at its first eos, at
 `stop_after_items` lines or at `max_new_tokens`; the loop stops at the step where the last row
 ends, like the eager one, so the generator advances equally.
 
@@ -51,7 +53,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from rankgrpo.sampling import _prefill, choose_tokens
+from rankgrpo.sampling import _prefill, choose_row_tokens
 
 CACHE_BUCKET = 256  # cache positions are rounded up to a multiple of this
 ROW_BUCKET = 64  # rows are rounded up to a power of two below this, to a multiple of it above
@@ -249,8 +251,8 @@ class CompiledDecoder:
         finished = torch.zeros(B, dtype=torch.bool, device=device)
 
         for t in range(max_new_tokens):
-            tokens, logprobs = choose_tokens(
-                logits[:B], temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
+            tokens, logprobs = choose_row_tokens(
+                logits[:B], rows, G, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
             )
             ids[:, t], logps[:, t] = tokens, logprobs
             is_eos = torch.isin(tokens, eos_ids)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rankgrpo.catalog import Catalog
+from rankgrpo.distributed import World, clip_grad_norm, grad_sync
 from rankgrpo.losses import (eos_positions, grpo_loss, group_advantages, gspo_loss, loss_denominator,
                              rank_grpo_loss)
 from rankgrpo.metrics import in_catalog_ratio
@@ -118,8 +119,11 @@ class RLBatch:
 
 
 def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Catalog, cfg, *,
-                  reference=None, autocast: Callable = contextlib.nullcontext) -> RLBatch:
-    """Stages 2-4 and the reference log-probs (once per batch, before any update)."""
+                  reference=None, autocast: Callable = contextlib.nullcontext, world: World = World()) -> RLBatch:
+    """Stages 2-4 and the reference log-probs (once per batch, before any update).
+
+    Under data parallelism ``rollout`` holds this rank's whole groups and the loss denominator is
+    summed over ranks, so every rank divides by the global B * N (rank_mean) or token count."""
     dev = torch.device(cfg.device)
     t0 = time.perf_counter()
     scored = score_rollout(rollout, examples, tokenizer, catalog, n_items=cfg.n_items,
@@ -129,7 +133,7 @@ def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
     mask = rollout.completion_mask.to(dev)
     eos_index = eos_positions(rollout.lengths, rollout.ended_with_eos).to(dev)
     agg = cfg.aggregation if cfg.algo == "rank_grpo" else "sequence_mean"
-    denom = loss_denominator(agg, mask, cfg.n_items if cfg.algo == "rank_grpo" else 1)
+    denom = world.all_reduce_sum(loss_denominator(agg, mask, cfg.n_items if cfg.algo == "rank_grpo" else 1))
     t1 = time.perf_counter()
     micro = [torch.arange(i, min(i + cfg.micro_batch_size, rollout.num_rows))
              for i in range(0, rollout.num_rows, cfg.micro_batch_size)]
@@ -147,14 +151,16 @@ def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
 
 
 def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int = 0,
-                autocast: Callable = contextlib.nullcontext) -> dict:
+                autocast: Callable = contextlib.nullcontext, world: World = World()) -> dict:
     """Stage 5, one optimiser step over all micro-batches of ``batch``.
 
     The first call stores the behaviour log-probs (the current policy's, detached) in
     ``batch.old_logp``, so its ratios are exactly 1; a second call (mu = 2) reuses them.
     The loss of each micro-batch is already divided by the global denominator, so the summed
     gradients equal the gradient of the whole batch's loss. Returns the pass's metrics
-    (loss, grad_norm, entropy, the loss function's metrics averaged over micro-batches)."""
+    (loss, grad_norm, entropy, the loss function's metrics averaged over micro-batches).
+    Under data parallelism gradients are synchronised once, at the last micro-batch, and the
+    returned loss is the global one (summed over ranks), which is also what the guard sees."""
     dev = torch.device(cfg.device)
     optimizer.zero_grad(set_to_none=True)
     step_metrics, entropy_sum = [], 0.0
@@ -163,22 +169,24 @@ def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int 
     for j, rows in enumerate(batch.micro):
         ids, attn, start = batch.rollout.model_inputs(rows)
         t0 = time.perf_counter()
-        with autocast():
-            logp, ent = token_logprobs(model, ids.to(dev), attn.to(dev), start, cfg.temperature,
-                                       return_entropy=True)
-        logp = logp.float()
-        sync(dev)
-        t_forward += time.perf_counter() - t0
-        if batch.old_logp[j] is None:  # first pass: the behaviour policy is the current one
-            batch.old_logp[j] = logp.detach()
-        loss, m = policy_loss(cfg, logp, batch.old_logp[j], batch.ref_logp[j], batch.rank_ids[rows],
-                              batch.mask[rows], batch.adv[rows], batch.eos_index[rows], batch.denom)
-        loss.backward()
+        with grad_sync(model, j == len(batch.micro) - 1):
+            with autocast():
+                logp, ent = token_logprobs(model, ids.to(dev), attn.to(dev), start, cfg.temperature,
+                                           return_entropy=True)
+            logp = logp.float()
+            sync(dev)
+            t_forward += time.perf_counter() - t0
+            if batch.old_logp[j] is None:  # first pass: the behaviour policy is the current one
+                batch.old_logp[j] = logp.detach()
+            loss, m = policy_loss(cfg, logp, batch.old_logp[j], batch.ref_logp[j], batch.rank_ids[rows],
+                                  batch.mask[rows], batch.adv[rows], batch.eos_index[rows], batch.denom)
+            loss.backward()
         total += loss.detach()
         step_metrics.append(m)
         entropy_sum += (ent.float() * batch.mask[rows]).sum().item()
+    total = world.all_reduce_sum(total)
     if guard is None or guard.ok(total, step):
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
+        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)  # 0: no clipping
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)

@@ -164,7 +164,8 @@ def newline_counts_from_tokenizer(tokenizer, vocab_size: int | None = None) -> t
 
 
 def _supports_logits_to_keep(model) -> bool:
-    return _forward_accepts_logits_to_keep(type(model))
+    # a DistributedDataParallel wrapper forwards keyword arguments to the model in `.module`
+    return _forward_accepts_logits_to_keep(type(getattr(model, "module", model)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,12 +280,14 @@ def choose_tokens(
     top_p: float,
     greedy: bool,
     generator: torch.Generator | None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row and return (tokens [N], logprobs [N]).
 
     logits: float32 [N, V]. The log-prob is that of the distribution the token came from:
     log softmax(logits / T), restricted to and renormalised over the nucleus when top_p < 1.
     Greedy rows take the argmax and report log softmax(logits / T) (T = 1 when T = 0).
+    uniform: optional U(0, 1) draws [N, V] to sample with instead of drawing from `generator`.
     """
     logprobs = (logits / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
     if greedy:
@@ -294,7 +297,9 @@ def choose_tokens(
             logprobs = top_p_logprobs(logprobs, top_p)
         # Exponential race, exact sampling from probs: argmax_v p_v / E_v with E_v ~ Exp(1)
         # (what torch.multinomial does for one draw, with a faster Exp(1) = -log U).
-        race = torch.rand(logprobs.shape, generator=generator, device=logprobs.device).log_().neg_()
+        if uniform is None:
+            uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)
+        race = uniform.log_().neg_()
         tokens = (logprobs.exp() / race).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -326,7 +331,7 @@ def sample(
     greedy: bool = False,
     eos_token_ids: int | Iterable[int],
     stop_after_items: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     newline_counts: torch.Tensor | None = None,
     line_counter=None,
     tokenizer=None,
@@ -352,7 +357,11 @@ def sample(
         stop_after_items: stop a row once it has closed this many lines. By default every
             "\\n" character closes a line (line k = rank k); needs `newline_counts` or `tokenizer`.
             With `line_counter`, the lines that counter counts.
-        generator: torch.Generator on the model's device, for reproducible sampling.
+        generator: torch.Generator on the model's device, for reproducible sampling; or a list
+            of P generators, one per prompt: prompt p's group then draws only from generator p,
+            so its completions do not depend on which other prompts are sampled with it (the
+            same prompt gives the same group alone, in any batch, on any data-parallel rank,
+            with or without `compile`).
         newline_counts: LongTensor [V], "\\n" characters per token id (see
             `newline_counts_from_tokenizer`).
         line_counter: how lines are counted for `stop_after_items` (`rankgrpo.stopping`): e.g.
@@ -399,6 +408,8 @@ def sample(
         line_counter = None
 
     prompts = [list(map(int, p)) for p in prompts]
+    if isinstance(generator, Sequence) and len(generator) != len(prompts):
+        raise ValueError(f"{len(generator)} generators for {len(prompts)} prompts; give one per prompt")
     G = group_size
     out = _Outputs(len(prompts) * G, max_new_tokens, pad_token_id, device)
     order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p]))  # similar lengths share a batch
@@ -489,8 +500,8 @@ def _sample_prompt_batch(
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
 
     for t in range(max_new_tokens):
-        tokens, logprobs = choose_tokens(
-            logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
+        tokens, logprobs = choose_row_tokens(
+            logits, rows, G, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
         )
         out.ids[rows, t] = tokens
         out.logprobs[rows, t] = logprobs
@@ -522,6 +533,45 @@ def _sample_prompt_batch(
             position_ids=positions[:, None], past_key_values=cache, use_cache=True,
         )
         positions = positions + 1
+
+
+def choose_row_tokens(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    G: int,
+    *,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`choose_tokens` for one decoding step of `sample`: (tokens [N], logprobs [N]).
+
+    logits: float32 [N, V] of the rows `rows` [N] (global row r = sample r % G of prompt r // G).
+    With one generator (or none) the N rows draw together from it; with a list of generators,
+    one per prompt, each row draws from its prompt's generator (`_group_uniforms`). The eager
+    and the compiled decode paths both draw through here, so their token streams agree.
+    """
+    per_prompt = isinstance(generator, Sequence) and not greedy
+    return choose_tokens(
+        logits, temperature=temperature, top_p=top_p, greedy=greedy,
+        generator=None if per_prompt else generator,
+        uniform=_group_uniforms(generator, rows, G, logits.shape[-1]) if per_prompt else None,
+    )
+
+
+def _group_uniforms(generators: Sequence[torch.Generator], rows: torch.Tensor, G: int, V: int) -> torch.Tensor:
+    """U(0, 1) draws [len(rows), V] for one decoding step, row r's from generators[r // G].
+
+    Every prompt with a row still in the batch draws a full [G, V] block from its own generator,
+    whichever of its rows are left, so sample s of prompt p at step t always uses row s of the
+    t-th block of generator p. Example: G = 2, rows [0, 1, 5] -> prompt 0 draws u0 [2, V],
+    prompt 2 draws u2 [2, V]; the result is [u0[0], u0[1], u2[1]]."""
+    prompt = rows // G
+    present = torch.unique(prompt)  # sorted
+    blocks = torch.cat([torch.rand(G, V, generator=generators[p], device=rows.device)
+                        for p in present.tolist()])
+    return blocks[torch.searchsorted(present, prompt) * G + rows % G]
 
 
 # --------------------------------------------------------------------------------------

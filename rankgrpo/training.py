@@ -42,6 +42,8 @@ class TrainerConfig:
     max_nonfinite: int = arg(5, "Abort after this many non-finite losses in a row.", min=1)
     chat_template: str = arg("", "Chat template for a tokenizer that has none (or to replace its own): a built-in "
                                  "name ('chatml') or a Jinja file. Saved with the checkpoints.")
+    fsdp: bool = arg(False, "Under torchrun: shard parameters, gradients and optimizer state over the processes "
+                            "(FSDP2) instead of replicating the model on each (DDP).")
 
     def apply_preset(self, presets: dict[str, dict]) -> None:
         """Fill every field still at 0 from ``presets[self.preset]`` (the resolved values are what
