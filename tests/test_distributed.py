@@ -25,14 +25,18 @@ from rankgrpo.sampling import sample
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-def in_process(script: str, *args) -> None:
-    """One process, no torchrun: the script's main() in this interpreter (saves a start-up)."""
+def run_in_process(script: str, *args) -> int:
+    """One process, no torchrun: the script's main() in this interpreter (saves a start-up); its status."""
     name = f"_in_process_{Path(script).stem}"
     spec = importlib.util.spec_from_file_location(name, ROOT / script)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
-    assert mod.main([str(a) for a in args]) == 0
+    return mod.main([str(a) for a in args])
+
+
+def in_process(script: str, *args) -> None:
+    assert run_in_process(script, *args) == 0
 
 
 def torchrun(script: str, *args, timeout=400) -> None:
@@ -178,7 +182,7 @@ def _rank_pid(launcher_pid: int, rank: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
-def test_rl_rank_mean_fsdp_equals_one_process_and_resumes_after_sigkill(world, sft_model, tmp_path):  # noqa: F811
+def test_rl_rank_mean_fsdp_equals_one_process_and_resumes_after_sigkill(world, sft_model, tmp_path, capsys):  # noqa: F811
     args = lambda out: rl(world, sft_model, out, "rank_mean", 3)  # noqa: E731
     in_process("train_rankgrpo.py", *args(tmp_path / "one"))
     torchrun("train_rankgrpo.py", *args(tmp_path / "fsdp"), "--fsdp")
@@ -205,9 +209,11 @@ def test_rl_rank_mean_fsdp_equals_one_process_and_resumes_after_sigkill(world, s
     assert all(torch.equal(fsdp[k], resumed[k]) for k in fsdp)
     assert [r["step"] for r in log_rows(killed)] == [1, 1, 2, 2, 3, 3]  # mu = 2 rows per step, none twice
 
-    # a checkpoint of 2 processes does not resume in 1
-    with pytest.raises(SystemExit, match="written by 2 process"):
-        in_process("train_rankgrpo.py", *args(killed), "--resume")
+    # a checkpoint of 2 processes does not resume in 1: one line naming the fix, exit status 2
+    capsys.readouterr()
+    assert run_in_process("train_rankgrpo.py", *args(killed), "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "written by 2 process" in err and "--nproc-per-node 2" in err
 
 
 @pytest.mark.slow
