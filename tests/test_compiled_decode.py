@@ -118,6 +118,40 @@ def test_same_token_streams_and_logprobs_as_eager(smooth_model, temperature, top
     assert (compiled.logprobs[~compiled.completion_mask] == 0).all()
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_same_token_streams_as_eager_under_per_prompt_generators(smooth_model, top_p):
+    """With one generator per prompt (how the trainers sample, seeded per step and prompt), the
+    compiled path draws each prompt's group from its own generator, like the eager path: the
+    streams are equal whatever the eager path's compaction, and each prompt's group is the one
+    it gets when sampled alone."""
+    eos = list(range(1, 9))  # eight eos ids: rows end at varied steps, also inside a top-p nucleus
+    prompts = random_prompts([6, 13, 3, 9], seed=4)
+    seeds = [10, 11, 12, 13]
+    kwargs = dict(group_size=2, max_new_tokens=16, top_p=top_p, eos_token_ids=eos)
+
+    def generators(ss):
+        return [torch.Generator().manual_seed(s) for s in ss]
+
+    compiled = sample(smooth_model, prompts, **kwargs, compile=True, generator=generators(seeds))
+    assert compiled.decode_stats["buckets"] == [BUCKET]
+    for compact_fraction in (1.0, 0.25):  # compaction off, and on (the default path)
+        eager = sample(smooth_model, prompts, **kwargs, compact_fraction=compact_fraction,
+                       generator=generators(seeds))
+        assert_same_rollout(compiled, eager)
+    assert len(set(compiled.lengths.tolist())) > 1, "rows should end at different steps"
+    assert int((compiled.lengths < compiled.lengths.max()).sum()) >= 2, "the eager run at 0.25 must compact"
+    single = sample(smooth_model, prompts, **kwargs, compile=True, generator=torch.Generator().manual_seed(10))
+    assert not torch.equal(single.completion_ids, compiled.completion_ids), "the list must change the draws"
+    for p, prompt in enumerate(prompts):
+        alone = sample(smooth_model, [prompt], **kwargs, generator=generators([seeds[p]]))
+        for s in range(2):
+            n = int(alone.lengths[s])
+            assert int(compiled.lengths[2 * p + s]) == n
+            assert compiled.completion_ids[2 * p + s, :n].tolist() == alone.completion_ids[s, :n].tolist()
+    with pytest.raises(ValueError, match="one per prompt"):
+        sample(smooth_model, prompts, **kwargs, compile=True, generator=generators(seeds[:3]))
+
+
 def test_prompt_batches_item_stop_and_no_recompile(smooth_model):
     """Two prompt batches of 8 rows share one bucket; the generator runs on from one batch to the
     next exactly as in the eager path; rows stop at eos, at 2 lines or at the budget; a second
