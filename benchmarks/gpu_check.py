@@ -19,9 +19,9 @@ Parts (each runs even if an earlier one failed; a failure is recorded with its e
 3. tests     the test subset marked `cuda` (pytest -m cuda): the sampler eager and compiled
              (CUDA graphs), the losses, one step of each trainer, bf16 autocast, gradient
              checkpointing. Without CUDA they are all skipped.
-4. torchrun  with two or more GPUs, and only if the trainers set up torch.distributed: the same
-             two Rank-GRPO steps in one process and under `torchrun --nproc-per-node 2`, and the
-             largest weight difference between the two results.
+4. torchrun  with two or more GPUs (the trainers set up torch.distributed themselves): the same
+             two Rank-GRPO steps in one process and under `torchrun --nproc-per-node 2`, with DDP
+             and with --fsdp (FSDP2), and the largest weight difference from the one-process result.
 
 The decode bound (what the sampler could reach at best on this GPU). With R = P·G rows, a
 prompt of L tokens, T new tokens, N weights, b bytes per element, n_layers, n_kv key/value
@@ -328,6 +328,24 @@ def trainer_has_flag(name: str) -> bool:
     return name in {f.name for f in dataclasses.fields(train_rankgrpo.TrainRankGRPOConfig)}
 
 
+def torchrun_runs(world: Path) -> dict[str, tuple[list[str], float | None]]:
+    """name -> (command, tolerance against the one-process run) of the torchrun part: two Rank-GRPO
+    steps on the sandbox world `world`, in float32, in one process and under torchrun on two GPUs
+    (DDP, and FSDP2 when the trainer has --fsdp). Each process maps `--device cuda` to its own GPU,
+    cuda:LOCAL_RANK; every prompt samples from a generator of (seed, step, prompt), so all runs draw
+    the same rollouts and differ only by the order of float reductions."""
+    common = ["train_rankgrpo.py", "--model", str(world / "base_model"), "--data", str(world / "train.jsonl"),
+              "--val-data", str(world / "validation.jsonl"), "--catalog", str(world / "catalog.jsonl"),
+              "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "32",
+              "--eval-every", "0", "--device", "cuda"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    runs = {"one_process": ([sys.executable, *common], None),
+            "torchrun_2_ddp": ([*torchrun, *common], 1e-4)}
+    if trainer_has_flag("fsdp"):
+        runs["torchrun_2_fsdp"] = ([*torchrun, *common, "--fsdp"], 1e-4)  # float32: no mixed precision
+    return runs
+
+
 def run_torchrun(cfg: GPUCheckConfig, out: Path, timeout_s: float) -> dict:
     """Two Rank-GRPO steps on a tiny sandbox world: one process, then torchrun on two GPUs (DDP, and
     FSDP2 when the trainer has --fsdp); the largest absolute difference of each result's final weights
@@ -345,15 +363,7 @@ def run_torchrun(cfg: GPUCheckConfig, out: Path, timeout_s: float) -> dict:
     world = out / "world"
     build_world(SandboxConfig(n_films=200, n_train=32, n_validation=4, n_test=4, hidden_size=64, num_layers=2,
                               num_heads=2, num_kv_heads=1, intermediate_size=128, vocab_size=1024), world)
-    common = ["train_rankgrpo.py", "--model", str(world / "base_model"), "--data", str(world / "train.jsonl"),
-              "--val-data", str(world / "validation.jsonl"), "--catalog", str(world / "catalog.jsonl"),
-              "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "32",
-              "--eval-every", "0", "--device", "cuda"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    runs = {"one_process": ([sys.executable, *common], None),  # name -> (command, tolerance against it)
-            "torchrun_2_ddp": ([*torchrun, *common], 1e-4)}
-    if trainer_has_flag("fsdp"):
-        runs["torchrun_2_fsdp"] = ([*torchrun, *common, "--fsdp"], 1e-3)  # bf16 mixed precision
+    runs = torchrun_runs(world)
     report = {}
     for name, (cmd, tol) in runs.items():
         cmd = [*cmd, "--out", str(out / name)]

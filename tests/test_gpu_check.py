@@ -91,3 +91,28 @@ def test_torchrun_part_runs_only_when_the_trainer_sets_up_torch_distributed(tmp_
 def test_unknown_part_is_refused():
     with pytest.raises(SystemExit, match="parts are"):
         gpu_check.main(["--tiny", "--skip", "everything"])
+
+
+def test_torchrun_part_matches_the_trainers(tmp_path):
+    """The real trainers set up torch.distributed, so on two GPUs the part runs; its command lines
+    parse with train_rankgrpo.py's own config (flags that exist, prompts that split over 2
+    processes) and cover DDP and FSDP2."""
+    from rankgrpo.config import parse_config
+
+    sys.path.insert(0, str(ROOT))
+    import train_rankgrpo
+
+    assert gpu_check.trainers_support_distributed() == (True, "")
+    runs = gpu_check.torchrun_runs(tmp_path / "world")
+    assert set(runs) == {"one_process", "torchrun_2_ddp", "torchrun_2_fsdp"}
+    for name, (cmd, tol) in runs.items():
+        script = cmd.index("train_rankgrpo.py")
+        launcher = cmd[1:script]
+        if name == "one_process":
+            assert launcher == [] and tol is None
+        else:
+            assert launcher[:2] == ["-m", "torch.distributed.run"] and "--standalone" in launcher
+            assert launcher[launcher.index("--nproc-per-node") + 1] == "2" and 0 < tol <= 1e-4
+        cfg = parse_config(train_rankgrpo.TrainRankGRPOConfig, [*cmd[script + 1:], "--out", str(tmp_path / name)])
+        assert cfg.fsdp == (name == "torchrun_2_fsdp") and cfg.device == "cuda"
+        assert cfg.prompts_per_step % 2 == 0 and cfg.eval_every == 0 and not cfg.bf16
