@@ -107,6 +107,8 @@ CASES = [
     ("rl-max-prompt-length", "train_rankgrpo", lambda d: rl(d, "--max-prompt-length", "-1"),
      r"--max-prompt-length must be >= 0"),
     ("rl-gamma-exp", "train_rankgrpo", lambda d: rl(d, "--reward", "exp"), r"--reward exp needs --gamma > 1"),
+    ("rl-fsdp-compile", "train_rankgrpo", lambda d: rl(d, "--fsdp", "--compile"), r"--compile with --fsdp"),
+    ("sft-fsdp-no-torchrun", "train_sft", lambda d: sft(d, "--fsdp"), r"--fsdp shards .* start the script with torchrun"),
     ("rl-not-an-int", "train_rankgrpo", lambda d: rl(d, "--steps", "ten"), r"argument --steps: invalid int"),
     ("rl-unknown-flag", "train_rankgrpo", lambda d: rl(d, "--stepz", "3"), r"unrecognized arguments: --stepz"),
     ("sft-eval-every", "train_sft", lambda d: sft(d, "--eval-every", "-1"), r"--eval-every must be >= 0"),
