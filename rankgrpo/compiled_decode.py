@@ -53,7 +53,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from rankgrpo.sampling import _prefill, choose_row_tokens
+from rankgrpo.sampling import _cache_keyword, _prefill, choose_row_tokens
 
 CACHE_BUCKET = 256  # cache positions are rounded up to a multiple of this
 ROW_BUCKET = 64  # rows are rounded up to a power of two below this, to a multiple of it above
@@ -109,13 +109,6 @@ def one_token_step(model, cache, cache_keyword: str, input_ids, position_ids, at
 def compiled_step(mode: str | None):
     """`one_token_step` under torch.compile: whole graph, static shapes (one graph per shape bucket)."""
     return torch.compile(one_token_step, mode=mode, fullgraph=True, dynamic=False)
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_keyword(model_class) -> str:
-    """The forward keyword of the KV cache: `cache` in recent transformers, `past_key_values` before."""
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _graphs_compiled() -> int:

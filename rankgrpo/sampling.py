@@ -173,6 +173,18 @@ def _forward_accepts_logits_to_keep(model_class) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
+def cache_argument(model, cache) -> dict:
+    """The keyword argument that hands `cache` to `model.forward`: {"cache": cache} where the
+    forward names that parameter (transformers 5.24 renamed it and keeps `past_key_values`
+    only as a deprecated alias until 5.40), else {"past_key_values": cache} (4.x, early 5.x)."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
     """Run in eval mode, then restore the previous mode. In training mode, Hugging Face
@@ -465,7 +477,7 @@ def _prefill(model, prompts: list[list[int]], pad_token_id: int, max_new_tokens:
     cache = new_kv_cache(model, capacity=ids.shape[1] + max_new_tokens)
     logits = _last_logits(
         model, input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-        past_key_values=cache, use_cache=True,
+        use_cache=True, **cache_argument(model, cache),
     )
     return cache, logits, mask, mask.sum(-1), index
 
@@ -530,7 +542,7 @@ def _sample_prompt_batch(
                 cache.batch_select_indices(keep)
         logits = _last_logits(
             model, input_ids=tokens[:, None], attention_mask=mask[:, : width + t + 1],
-            position_ids=positions[:, None], past_key_values=cache, use_cache=True,
+            position_ids=positions[:, None], use_cache=True, **cache_argument(model, cache),
         )
         positions = positions + 1
 

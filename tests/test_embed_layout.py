@@ -125,7 +125,8 @@ MINILM_REFERENCE = {
 MINILM = os.environ.get("RANKGRPO_MINILM_DIR")
 
 
-@pytest.mark.skipif(not MINILM, reason="RANKGRPO_MINILM_DIR not set (python scripts/fetch_minilm.py prints it)")
+@pytest.mark.real
+@pytest.mark.skipif(not MINILM, reason="RANKGRPO_MINILM_DIR not set (python scripts/fetch_real_assets.py --only minilm prints it)")
 def test_all_minilm_l6_v2_gives_the_sentence_transformers_vectors():
     layout = read_sentence_layout(MINILM)
     assert layout.pooling == ("mean",) and layout.normalize and layout.max_seq_length == 256 and not layout.dense

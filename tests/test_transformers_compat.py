@@ -1,0 +1,61 @@
+"""The sampler against the transformers versions that setup.cfg allows.
+
+transformers 5.24 renamed the forward's `past_key_values` to `cache` and keeps the old name
+only as a deprecated alias (a FutureWarning) until 5.40; 4.x and earlier 5.x know only
+`past_key_values`. `cache_argument` picks the name the model's forward declares.
+"""
+import configparser
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+from rankgrpo.models import tiny_model
+from rankgrpo.sampling import cache_argument, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class NewStyle(torch.nn.Module):
+    def forward(self, input_ids, cache=None, use_cache=None):
+        pass
+
+
+class OldStyle(torch.nn.Module):
+    def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+        pass
+
+
+def test_cache_argument_follows_the_forward_signature():
+    marker = object()
+    assert cache_argument(NewStyle(), marker) == {"cache": marker}
+    assert cache_argument(OldStyle(), marker) == {"past_key_values": marker}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_sampling_uses_no_deprecated_argument(arch):
+    """A deprecated keyword would raise here (FutureWarning turned into an error)."""
+    model = tiny_model(arch, 64, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        rollout = sample(model, [[5, 6, 7], [8]], group_size=2, max_new_tokens=4, eos_token_ids=1,
+                         greedy=True)
+    assert rollout.completion_ids.shape[0] == 4
+
+
+def test_installed_transformers_is_within_the_declared_bounds():
+    """setup.cfg's bounds are the versions this suite was run on (README: transformers versions)."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    requirement = next(line.strip() for line in config["options"]["install_requires"].splitlines()
+                       if line.strip().startswith("transformers"))
+    lower = re.search(r">=\s*([\w.]+)", requirement)
+    assert lower, f"transformers has no lower bound in setup.cfg: {requirement!r}"
+    assert Version(transformers.__version__) >= Version(lower.group(1))
+    upper = re.search(r"<\s*([\w.]+)", requirement)
+    if upper:
+        assert Version(transformers.__version__) < Version(upper.group(1))
