@@ -25,8 +25,12 @@ line start) and has written ``lines`` complete lines. At each step it may emit:
   not allowed once the row has written it (no repeats) or when it is excluded for the
   conversation (e.g. a title the user mentioned); the final variant counts only once
   ``lines >= N - 1`` (it would be line N);
-* ``<eos>`` at the root once ``lines >= N``, right after a final variant, or whenever nothing
+* ``<eos>`` right after a final variant (so only once N lines are written, and the list
+  ends like ``format_recommendations``'s, without a trailing line break), or when nothing
   else is allowed (every title used: the row ends cleanly instead of deadlocking).
+
+A row may write more than N lines (overflow, as without the constraint; the loss penalises
+it); it ends the list by choosing a final variant.
 
 Reaching the end of a line variant marks its item as used and returns to the root.
 
@@ -442,7 +446,10 @@ class ConstraintState:
             if blocked:
                 keep[offsets[r] + np.asarray(blocked) - lo[r]] = False
         rows, tokens = rows[keep], trie.edge_token[edges[keep]]
-        eos_ok = self.done | ((node == 0) & (self.lines >= self.c.n_items)) | ((trie.final_item[node] >= 0) & final_ok)
+        at_final = np.flatnonzero((trie.final_item[node] >= 0) & final_ok & ~self.done)
+        eos_ok = self.done.copy()
+        for r in at_final.tolist():  # a final variant ends here: <eos> unless its item is forbidden
+            eos_ok[r] = int(trie.final_item[node[r]]) not in self.blocks[r].forbidden
         eos_ok |= np.bincount(rows, minlength=n) == 0  # nothing left: end cleanly
         eos_rows = np.repeat(np.flatnonzero(eos_ok), len(self.eos))
         return (np.concatenate([rows, eos_rows]),
