@@ -55,6 +55,12 @@ class EvaluateConfig:
     batch_size: int = arg(64, "Unique prompts per generation batch.")
     device: str = arg("", "Device for generation (default: cuda if available, else cpu).")
     dtype: str = arg("float32", "Model dtype for generation (bfloat16 on GPUs).")
+    constrained: bool = arg(False, "Catalog-constrained decoding (with --model): every line is a catalog line, "
+                                   "none twice (rankgrpo/constraint.py). Default off, as in the paper.")
+    exclude_seen: bool = arg(True, "With --constrained: also forbid the catalog items whose title the user "
+                                   "mentioned (the evaluation scores them 0).")
+    trie_cache: str = arg("", "With --constrained: keep the catalog's token trie in this directory "
+                              "(built once per catalog and tokenizer; default: memory only).")
     plot: bool = arg(False, "Write PNGs (needs matplotlib): per-rank hit curve, and training curves of --train-log.")
     train_log: list[str] = arg([], "Training logs (RUN/log.jsonl) to plot with --plot.")
 
@@ -63,6 +69,8 @@ class EvaluateConfig:
         if sources != 1:
             raise SystemExit("evaluate.py: give exactly one of --model, --predictions, --predictions-from-field, "
                              "--compare")
+        if self.constrained and not self.model:
+            raise SystemExit("evaluate.py: --constrained needs --model (it changes how lists are generated)")
 
 
 def _results_path(p: str) -> Path:
@@ -98,7 +106,7 @@ def _plots(cfg: EvaluateConfig, curves: dict) -> None:
         print(f"wrote {plot_training(log, out / f'training_{name}.png')}")
 
 
-def generate(cfg: EvaluateConfig, examples) -> list[str]:
+def generate(cfg: EvaluateConfig, examples, catalog) -> list[str]:
     import torch
 
     from rankgrpo.models import load_model, load_tokenizer
@@ -108,8 +116,19 @@ def generate(cfg: EvaluateConfig, examples) -> list[str]:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
     check_tokenizer_matches(model, tokenizer, cfg.model)
+    constraint = None
+    if cfg.constrained:
+        from rankgrpo.constraint import catalog_trie, constraint_for_examples
+        from rankgrpo.training import eos_token_ids
+
+        trie = catalog_trie(catalog, tokenizer, cache_dir=cfg.trie_cache or None)
+        if trie.dropped:
+            print(f"constraint: catalog items left out of the trie: {dict(trie.dropped)}", file=sys.stderr)
+        constraint = constraint_for_examples(trie, catalog, examples, n_items=cfg.n_items,
+                                             eos_token_ids=eos_token_ids(model, tokenizer),
+                                             exclude_seen=cfg.exclude_seen)
     return greedy_completions(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
-                              batch_size=cfg.batch_size, n_items=cfg.n_items, progress=True)
+                              batch_size=cfg.batch_size, n_items=cfg.n_items, progress=True, constraint=constraint)
 
 
 def main(argv=None) -> int:
@@ -129,7 +148,7 @@ def main(argv=None) -> int:
         elif cfg.predictions:
             completions = load_predictions(cfg.predictions, examples)
         else:
-            completions = generate(cfg, examples)
+            completions = generate(cfg, examples, catalog)
     except (DataError, CatalogError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ One RL step, in order (each numbered stage is a function below):
     python train_rankgrpo.py --preset paper --model runs/sft/final --data train.jsonl --catalog catalog.jsonl
     python train_rankgrpo.py --algo grpo                         # the vanilla GRPO baseline
     python train_rankgrpo.py --out runs/rl --resume              # continue exactly
+    python train_rankgrpo.py --constrained                       # rollouts and log-probs under the catalog constraint
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from rankgrpo.catalog import load_catalog
 from rankgrpo.checkpoint import (load_trainer_state, rng_state, save_checkpoint, save_final, set_rng_state,
                                  truncate_log)
 from rankgrpo.config import arg, save_config
+from rankgrpo.constraint import catalog_trie, constraint_for_examples
 from rankgrpo.data import chat_prompt_ids, load_examples
 from rankgrpo.io import append_jsonl
 from rankgrpo.losses import (eos_positions, grpo_loss, group_advantages, gspo_loss, loss_denominator,
@@ -91,6 +93,13 @@ class TrainRankGRPOConfig(TrainerConfig):
     stop_after_lines: int = arg(0, "Stop a completion after this many complete lines (0 = only eos/budget); "
                                    "N+2 saves time on runaway lists while still showing overflow.")
     year_tolerance: int = arg(2, "Year tolerance of the relevance match.")
+    constrained: bool = arg(False, "Catalog-constrained decoding (rankgrpo/constraint.py): rollouts write only "
+                                   "catalog lines, none twice, and the policy, old and reference log-probs are "
+                                   "those of the constrained, renormalised distributions. The periodic "
+                                   "validation decodes under the constraint too. Default off, as in the paper.")
+    exclude_seen: bool = arg(True, "With --constrained: also forbid the catalog items whose title the user "
+                                   "mentioned (their reward is 0).")
+    trie_cache: str = arg("", "With --constrained: keep the catalog's token trie in this directory (default: memory).")
     eval_every: int = arg(20, "Validation NDCG@20 (greedy) every this many steps (and at the end); 0 = off.")
     val_examples: int = arg(64, "Validation examples for the periodic check.")
     save_every: int = arg(20, "Checkpoint every this many steps.")
@@ -192,6 +201,13 @@ def run(cfg) -> int:
     save_config(cfg, cfg.out)
     eos_ids = eos_token_ids(model, tokenizer)
     prompt_ids = {}
+    trie = catalog_trie(catalog, tokenizer, cache_dir=cfg.trie_cache or None) if cfg.constrained else None
+
+    def constraint_for(exs):
+        if trie is None:
+            return None
+        return constraint_for_examples(trie, catalog, exs, n_items=cfg.n_items, eos_token_ids=eos_ids,
+                                       exclude_seen=cfg.exclude_seen)
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -213,11 +229,12 @@ def run(cfg) -> int:
 
     def validate_now():
         row = {"step": step, **validate_generation(model, tokenizer, val, catalog, max_new_tokens=cfg.max_new_tokens,
-                                                    n_items=cfg.n_items)}
+                                                    n_items=cfg.n_items, constraint=val_constraint)}
         append_jsonl(log_path, row)
         tqdm.write(f"step {step}: val NDCG@20 {row['val_ndcg@20']:.4f} R@20 {row['val_recall@20']:.4f} "
                    f"in-catalog {row['val_in_catalog']:.3f}")
 
+    val_constraint = constraint_for(val)
     if step == 0 and cfg.eval_every and not resume_from:
         validate_now()
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.algo, dynamic_ncols=True)
@@ -226,12 +243,13 @@ def run(cfg) -> int:
         batch = [examples[i] for i in indices_for_step(step, len(examples), cfg.prompts_per_step, cfg.seed)]
         prompts = [prompt_ids.setdefault(ex.id, chat_prompt_ids(tokenizer, ex)) for ex in batch]
 
-        # 1. rollout
+        # 1. rollout (one exclusion set per prompt under --constrained)
         model.eval()
+        constraint = constraint_for(batch)
         rollout = sample(model, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
                          tokenizer=tokenizer, generator=generator,
-                         stop_after_items=cfg.stop_after_lines or None)
+                         stop_after_items=cfg.stop_after_lines or None, constraint=constraint)
         _sync(torch.device(cfg.device))
         t_sample = time.perf_counter()
         # 2-4. score, advantages, segmentation
@@ -251,12 +269,15 @@ def run(cfg) -> int:
                  for i in range(0, rollout.num_rows, cfg.micro_batch_size)]
         ref_logp = [None] * len(micro)
         old_logp = [None] * len(micro)
+        # the same constraint, one exclusion set per row: log-probs of the distributions sampled from
+        micro_constraint = [None if constraint is None else constraint.for_rows(rollout.prompt_index[rows])
+                            for rows in micro]
         if reference is not None:
             with torch.no_grad(), autocast():
                 for j, rows in enumerate(micro):
                     ids, attn, start = rollout.model_inputs(rows)
                     ref_logp[j] = token_logprobs(reference, ids.to(dev), attn.to(dev), start,
-                                                 cfg.temperature).float()
+                                                 cfg.temperature, constraint=micro_constraint[j]).float()
         _sync(dev)
         t_ref = time.perf_counter()
 
@@ -274,7 +295,7 @@ def run(cfg) -> int:
                 t0 = time.perf_counter()
                 with autocast():
                     logp, ent = token_logprobs(model, ids.to(dev), attn.to(dev), start,
-                                               cfg.temperature, return_entropy=True)
+                                               cfg.temperature, return_entropy=True, constraint=micro_constraint[j])
                 logp = logp.float()
                 _sync(dev)
                 t_forward += time.perf_counter() - t0

@@ -319,6 +319,17 @@ def seen_items(catalog: Catalog, seen_titles: Sequence[str]) -> frozenset[int]:
     return frozenset(i for t in seen_titles for i in catalog.indices_of_title(t))
 
 
+def constraint_for_examples(trie: CatalogTrie, catalog: Catalog, examples, *, n_items: int,
+                            eos_token_ids: Sequence[int], exclude_seen: bool = True) -> "CatalogConstraint":
+    """A constraint with one exclusion set per example: the items whose title the user
+    mentioned (``seen_items``) when `exclude_seen`, else none (only repeats are forbidden).
+
+    The scripts call it once per batch of prompts (``train_rankgrpo.py``) or per split
+    (``evaluate.py``, then ``for_rows`` picks each prompt's example)."""
+    excluded = tuple(seen_items(catalog, ex.seen_titles) for ex in examples) if exclude_seen else None
+    return CatalogConstraint(trie, n_items, tuple(eos_token_ids), excluded)
+
+
 # --------------------------------------------------------------------------------------
 # The constraint and its per-row state
 # --------------------------------------------------------------------------------------

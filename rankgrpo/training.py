@@ -230,23 +230,29 @@ def start_from(cfg):
 
 @torch.no_grad()
 def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int,
-                       batch_size: int = 32, n_items: int | None = None, progress: bool = False) -> list[str]:
+                       batch_size: int = 32, n_items: int | None = None, progress: bool = False,
+                       constraint=None) -> list[str]:
     """Greedy lists, generated once per unique prompt and shared by examples with that prompt.
 
-    A row stops at its eos, after ``n_items`` complete lines, or at ``max_new_tokens``."""
+    A row stops at its eos, after ``n_items`` complete lines, or at ``max_new_tokens``.
+    ``constraint``: a ``rankgrpo.constraint.CatalogConstraint`` whose exclusion sets (if any)
+    are one per example (``constraint_for_examples``): decoding is then catalog-constrained."""
     was_training = model.training
     model.eval()
     eos = eos_token_ids(model, tokenizer)
     unique: dict[str, list[int]] = {}
-    for ex in examples:
+    first_example: dict[str, int] = {}  # an example of each prompt (same prompt, same seen titles)
+    for i, ex in enumerate(examples):
         unique.setdefault(ex.prompt_text, chat_prompt_ids(tokenizer, ex))
+        first_example.setdefault(ex.prompt_text, i)
     keys = list(unique)
     texts: dict[str, str] = {}
     for i in tqdm(range(0, len(keys), batch_size), desc="generate", disable=not progress, dynamic_ncols=True):
         chunk = keys[i:i + batch_size]
         ro = sample(model, [unique[k] for k in chunk], group_size=1, max_new_tokens=max_new_tokens, greedy=True,
                     eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                    stop_after_items=n_items)
+                    stop_after_items=n_items,
+                    constraint=None if constraint is None else constraint.for_rows([first_example[k] for k in chunk]))
         for k, row, n in zip(chunk, ro.completion_ids, ro.lengths.tolist()):
             texts[k] = decode_completion(row[:n].tolist(), tokenizer)
     if was_training:
@@ -263,9 +269,10 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def validate_generation(model, tokenizer, examples: Sequence[Example], catalog: Catalog, *, max_new_tokens: int,
-                        n_items: int = 20, batch_size: int = 32) -> dict:
-    """Greedy Recall/NDCG@{5,10,20}, in-catalog and format-valid ratios on ``examples`` (means only)."""
+                        n_items: int = 20, batch_size: int = 32, constraint=None) -> dict:
+    """Greedy Recall/NDCG@{5,10,20}, in-catalog and format-valid ratios on ``examples`` (means only);
+    catalog-constrained with ``constraint`` (see ``greedy_completions``)."""
     completions = greedy_completions(model, tokenizer, examples, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, n_items=n_items)
+                                     batch_size=batch_size, n_items=n_items, constraint=constraint)
     agg, _ = score_examples(examples, completions, catalog, ks=(5, 10, 20), n_items=n_items)
     return {f"val_{k}": v["mean"] for k, v in agg.items() if isinstance(v, dict)}
