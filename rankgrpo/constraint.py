@@ -112,6 +112,7 @@ class CatalogTrie:
 
     def __post_init__(self):
         self.edge_has_line = self.n_line[self.edge_child] > 0  # bool [E]: leads to some line variant
+        self.edge_has_any = self.n_any[self.edge_child] > 0    # bool [E]: leads to some item at all
 
     @property
     def num_nodes(self) -> int:
@@ -124,7 +125,8 @@ class CatalogTrie:
     @property
     def nbytes(self) -> int:
         """Memory held by the arrays (what a trie costs at run time)."""
-        return sum(getattr(self, a).nbytes for a in self._ARRAYS) + self.edge_has_line.nbytes
+        flags = self.edge_has_line.nbytes + self.edge_has_any.nbytes
+        return sum(getattr(self, a).nbytes for a in self._ARRAYS) + flags
 
     def children(self, node: int) -> dict[int, int]:
         """{token: child node} of one node (for inspection and tests)."""
@@ -247,7 +249,7 @@ def build_catalog_trie(catalog: Catalog, tokenizer) -> CatalogTrie:
     # since only a line break ends a line variant and titles hold none.
     assert all(not children[u] for u in range(len(children)) if line_item[u] >= 0)
 
-    # Flat arrays: edges grouped by parent (node ids are already parent-major? no: sort them).
+    # Flat arrays: the edges out of each node as one contiguous run, sorted by token.
     parents, tokens, childs = [], [], []
     for u, ch in enumerate(children):
         for tok in sorted(ch):
@@ -258,30 +260,31 @@ def build_catalog_trie(catalog: Catalog, tokenizer) -> CatalogTrie:
     parents = np.asarray(parents, dtype=np.int64)
     edge_token = np.asarray(tokens, dtype=np.int64)
     edge_child = np.asarray(childs, dtype=np.int32)
-    edge_start = np.zeros(S + 1, dtype=np.int64)
-    np.add.at(edge_start, parents + 1, 1)
-    edge_start = np.cumsum(edge_start)
+    edge_start = np.concatenate([[0], np.cumsum(np.bincount(parents, minlength=S))]).astype(np.int64)
     parent = np.full(S, -1, dtype=np.int32)
     parent[edge_child] = parents
     parent_edge = np.full(S, -1, dtype=np.int32)
     parent_edge[edge_child] = np.arange(len(edge_child), dtype=np.int32)
     key_stride = max(len(tokenizer), int(edge_token.max()) + 1 if len(edge_token) else 1)
 
-    # Counts of items per subtree: walk each kept item's two paths to the root.
-    n_line = np.zeros(S, dtype=np.int32)
-    n_any = np.zeros(S, dtype=np.int32)
-    trie = CatalogTrie(edge_start, edge_token, edge_child, parents * key_stride + edge_token, parent, parent_edge,
-                       n_line, n_any, np.asarray(line_item, dtype=np.int32), np.asarray(final_item, dtype=np.int32),
-                       ends[0].astype(np.int32), ends[1].astype(np.int32), key_stride, dropped, int(mismatch))
+    # Items per subtree: walk each kept item's two paths up to the root.
+    def path(node):
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = int(parent[node])
+        return out
+
     line_nodes, any_nodes = [], []
     for i in np.flatnonzero(ends[0] >= 0).tolist():
-        a = trie.path(int(ends[0, i]))
+        a = path(int(ends[0, i]))
         line_nodes += a
-        any_nodes += set(a).union(trie.path(int(ends[1, i])))
-    np.add.at(n_line, np.asarray(line_nodes, dtype=np.int64), 1)
-    np.add.at(n_any, np.asarray(any_nodes, dtype=np.int64), 1)
-    trie.__post_init__()
-    return trie
+        any_nodes += set(a).union(path(int(ends[1, i])))
+    n_line = np.bincount(np.asarray(line_nodes, dtype=np.int64), minlength=S).astype(np.int32)
+    n_any = np.bincount(np.asarray(any_nodes, dtype=np.int64), minlength=S).astype(np.int32)
+    return CatalogTrie(edge_start, edge_token, edge_child, parents * key_stride + edge_token, parent, parent_edge,
+                       n_line, n_any, np.asarray(line_item, dtype=np.int32), np.asarray(final_item, dtype=np.int32),
+                       ends[0].astype(np.int32), ends[1].astype(np.int32), key_stride, dropped, int(mismatch))
 
 
 def _catalog_digest(catalog: Catalog) -> str:
@@ -468,7 +471,7 @@ class ConstraintState:
         offsets = np.cumsum(counts) - counts
         rows = np.repeat(np.arange(n), counts)
         edges = np.arange(len(rows)) - np.repeat(offsets - lo, counts)
-        keep = final_ok[rows] | trie.edge_has_line[edges]
+        keep = np.where(final_ok[rows], trie.edge_has_any[edges], trie.edge_has_line[edges])
         for r in np.flatnonzero(~self.done).tolist():
             b = self.blocks[r]
             table = b.blocked_any if final_ok[r] else b.blocked_line
