@@ -375,3 +375,32 @@ def test_token_logprobs_refuses_a_completion_the_constraint_forbids(world, model
     with pytest.raises(ValueError, match="exclusion sets"):
         sample(model, [prompt[0].tolist()], group_size=1, max_new_tokens=5, eos_token_ids=eos,
                constraint=CatalogConstraint(trie, N_ITEMS, [eos], (frozenset(), frozenset())))
+
+
+def test_one_generator_per_prompt_under_the_constraint(world, model):
+    # the trainers sample with one generator per prompt (rankgrpo.distributed): a prompt's
+    # constrained group is then the one it gets alone, with its own exclusion set
+    catalog, tokenizer, trie, eos = world
+    excluded = (seen_items(catalog, ["heat"]), frozenset())
+    prompts = prompts_for(tokenizer, 2, 3)
+
+    def run(which):
+        constraint = CatalogConstraint(trie, N_ITEMS, [eos], tuple(excluded[p] for p in which))
+        return sample(model, [prompts[p] for p in which], group_size=3, max_new_tokens=300, eos_token_ids=eos,
+                      pad_token_id=0, generator=[torch.Generator().manual_seed(10 + p) for p in which],
+                      constraint=constraint)
+
+    both, alone = run([0, 1]), run([1])
+    check_lists(both, tokenizer, catalog, excluded)
+    for r in range(3):
+        n = int(alone.lengths[r])
+        assert int(both.lengths[3 + r]) == n
+        assert torch.equal(both.completion_ids[3 + r, :n], alone.completion_ids[r, :n])
+        assert torch.allclose(both.logprobs[3 + r, :n], alone.logprobs[r, :n], atol=1e-5)
+
+
+def test_the_compiled_decode_refuses_a_constraint(world, model):
+    catalog, tokenizer, trie, eos = world
+    with pytest.raises(NotImplementedError, match=r"compile=True\) does not apply a constraint"):
+        sample(model, prompts_for(tokenizer, 1), group_size=2, max_new_tokens=8, eos_token_ids=eos, pad_token_id=0,
+               compile=True, constraint=CatalogConstraint(trie, N_ITEMS, [eos]))
