@@ -404,3 +404,40 @@ def test_the_compiled_decode_refuses_a_constraint(world, model):
     with pytest.raises(NotImplementedError, match=r"compile=True\) does not apply a constraint"):
         sample(model, prompts_for(tokenizer, 1), group_size=2, max_new_tokens=8, eos_token_ids=eos, pad_token_id=0,
                compile=True, constraint=CatalogConstraint(trie, N_ITEMS, [eos]))
+
+
+def test_rl_step_logprobs_use_each_rows_own_exclusions(world, model):
+    # prepare_batch / update_pass: micro-batches of 2 rows straddle the prompts (rows 2-3 are one
+    # of prompt 0 and one of prompt 1), which exclude different titles, so each row's normaliser
+    # at a line start differs by prompt. The reference's and the behaviour log-probs must be the
+    # sampler's (ratio 1, KL 0 to an identical reference); a row scored under its neighbour's
+    # exclusions gets another normaliser, or a token that set forbids.
+    import copy
+
+    from test_rl_step import config
+
+    from rankgrpo.data import Example
+    from rankgrpo.rl import prepare_batch, update_pass
+
+    catalog, tokenizer, trie, eos = world
+    seen = [["Heat", "Alien", "The Wall", "Foo", "Ran", "Up", "Us", "M"], []]
+    examples = [Example(id=f"p{p}", messages=[{"role": "user", "content": "films"}], seen_titles=s,
+                        groundtruth=[("Die Hard", 1988)]) for p, s in enumerate(seen)]
+    excluded = tuple(seen_items(catalog, s) for s in seen)
+    assert len(excluded[0]) >= 8 and not excluded[1]
+    constraint = CatalogConstraint(trie, N_ITEMS, [eos], excluded)
+    cfg = config(group_size=3, n_items=N_ITEMS, micro_batch_size=2, beta=1e-3, temperature=1.0)
+    rollout = sample(model, prompts_for(tokenizer, 2, 11), group_size=3, max_new_tokens=300, temperature=1.0,
+                     eos_token_ids=eos, pad_token_id=0, generator=torch.Generator().manual_seed(4),
+                     constraint=constraint)
+    check_lists(rollout, tokenizer, catalog, excluded)
+    batch = prepare_batch(rollout, examples, tokenizer, catalog, cfg, reference=copy.deepcopy(model),
+                          constraint=constraint)
+    assert len(batch.micro) == 3 and len(batch.constraints) == 3
+    metrics = update_pass(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, cfg)
+    for j, rows in enumerate(batch.micro):
+        m = rollout.completion_mask[rows]
+        assert torch.allclose(batch.ref_logp[j][m], rollout.logprobs[rows][m], atol=1e-5)
+        assert torch.allclose(batch.old_logp[j][m], rollout.logprobs[rows][m], atol=1e-5)
+    assert metrics["ratio/min"] == pytest.approx(1.0, abs=1e-5) and metrics["ratio/max"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-8)
