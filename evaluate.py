@@ -75,6 +75,12 @@ class EvaluateConfig:
     dtype: str = arg("float32", "Model dtype for generation (bfloat16 on GPUs).")
     compile: bool = arg(False, "Generate with a static KV cache and a compiled one-token step (CUDA graphs "
                                "on a GPU); compiles once per shape bucket.")
+    constrained: bool = arg(False, "Catalog-constrained decoding (with --model): every line is a catalog line, "
+                                   "none twice (rankgrpo/constraint.py). Default off, as in the paper.")
+    exclude_seen: bool = arg(True, "With --constrained: also forbid the catalog items whose title the user "
+                                   "mentioned (the evaluation scores them 0).")
+    trie_cache: str = arg("", "With --constrained: keep the catalog's token trie in this directory "
+                              "(built once per catalog and tokenizer; default: memory only).")
     plot: bool = arg(False, "Write PNGs (needs matplotlib): per-rank hit curve, and training curves of --train-log.")
     train_log: list[str] = arg([], "Training logs (RUN/log.jsonl) to plot with --plot.")
 
@@ -94,6 +100,11 @@ class EvaluateConfig:
                 resolve_dtype(self.dtype)
             except ValueError as e:
                 raise ConfigError(f"--dtype: {e}") from None
+        if self.constrained and not self.model:
+            raise ConfigError("--constrained needs --model (it changes how lists are generated)")
+        if self.constrained and self.compile:
+            raise ConfigError("--constrained does not work with --compile yet (the compiled decode applies no "
+                              "constraint); drop one of them")
 
 
 def _results_path(p: str) -> Path:
@@ -129,9 +140,10 @@ def _plots(cfg: EvaluateConfig, curves: dict) -> None:
         print(f"wrote {plot_training(log, out / f'training_{name}.png')}")
 
 
-def generate(cfg: EvaluateConfig, examples) -> list[str] | None:
+def generate(cfg: EvaluateConfig, examples, catalog) -> list[str] | None:
     """Greedy completions, one per example; under torchrun rank r generates for every W-th unique
-    prompt, rank 0 gathers them all and the other ranks get None (and write nothing)."""
+    prompt, rank 0 gathers them all and the other ranks get None (and write nothing).
+    With --constrained, decoding is catalog-constrained (``rankgrpo.constraint``)."""
     import torch
 
     from rankgrpo.distributed import close_world, init_world
@@ -143,9 +155,21 @@ def generate(cfg: EvaluateConfig, examples) -> list[str] | None:
                                         device=world.device)
         mine = set(list(dict.fromkeys(ex.prompt_text for ex in examples))[world.rank::world.size])
         own = [ex for ex in examples if ex.prompt_text in mine]
+        constraint = None
+        if cfg.constrained:
+            from rankgrpo.constraint import catalog_trie, constraint_for_examples
+            from rankgrpo.training import eos_token_ids
+
+            trie = catalog_trie(catalog, tokenizer, cache_dir=cfg.trie_cache or None)
+            if trie.dropped and world.is_main:
+                print(f"constraint: catalog items left out of the trie: {dict(trie.dropped)}", file=sys.stderr)
+            # One exclusion set per example of this rank, as greedy_completions indexes them.
+            constraint = constraint_for_examples(trie, catalog, own, n_items=cfg.n_items,
+                                                 eos_token_ids=eos_token_ids(model, tokenizer),
+                                                 exclude_seen=cfg.exclude_seen)
         texts = greedy_completions(model, tokenizer, own, max_new_tokens=cfg.max_new_tokens,
                                    batch_size=cfg.batch_size, stop_after_items=cfg.stop_after_items or None,
-                                   progress=world.is_main, compile=cfg.compile)
+                                   progress=world.is_main, compile=cfg.compile, constraint=constraint)
         by_prompt = {}
         for part in world.gather_objects({ex.prompt_text: t for ex, t in zip(own, texts)}):
             by_prompt.update(part)
@@ -188,7 +212,7 @@ def run(cfg: EvaluateConfig) -> int:
         elif cfg.predictions:
             completions = load_predictions(cfg.predictions, examples)
         else:
-            completions = generate(cfg, examples)
+            completions = generate(cfg, examples, catalog)
             if completions is None:  # a torchrun rank other than 0: its lists went to rank 0
                 return 0
     except (DataError, CatalogError) as e:

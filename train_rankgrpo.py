@@ -13,6 +13,7 @@ One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
     python train_rankgrpo.py --preset paper --model runs/sft/final --data train.jsonl --catalog catalog.jsonl
     python train_rankgrpo.py --algo grpo                         # the vanilla GRPO baseline
     python train_rankgrpo.py --out runs/rl --resume              # continue exactly
+    python train_rankgrpo.py --constrained                       # rollouts and log-probs under the catalog constraint
     torchrun --nproc-per-node 4 train_rankgrpo.py ... [--fsdp]   # data parallel: each GPU owns 1/4 of the prompts
 
 Prompts longer than --max-prompt-length (2,048) keep their last tokens; RUN/data_report.json and
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from rankgrpo.catalog import load_catalog
 from rankgrpo.checkpoint import truncate_log
 from rankgrpo.config import ConfigError, arg, save_config
+from rankgrpo.constraint import catalog_trie, constraint_for_examples
 from rankgrpo.data import chat_prompt_ids, load_examples, truncate_left
 from rankgrpo.distributed import (close_world, inference_model, init_world, prompt_generators, resume_training,
                                   save_final_weights, save_training_checkpoint, wrap_model)
@@ -99,6 +101,13 @@ class TrainRankGRPOConfig(TrainerConfig):
                               "written).", min=0)
     compile: bool = arg(False, "Sample (rollouts and validation) with a static KV cache and a compiled "
                                "one-token step (CUDA graphs on a GPU); compiles once per shape bucket.")
+    constrained: bool = arg(False, "Catalog-constrained decoding (rankgrpo/constraint.py): rollouts write only "
+                                   "catalog lines, none twice, and the policy, old and reference log-probs are "
+                                   "those of the constrained, renormalised distributions. The periodic "
+                                   "validation decodes under the constraint too. Default off, as in the paper.")
+    exclude_seen: bool = arg(True, "With --constrained: also forbid the catalog items whose title the user "
+                                   "mentioned (their reward is 0).")
+    trie_cache: str = arg("", "With --constrained: keep the catalog's token trie in this directory (default: memory).")
 
     def validate(self) -> None:
         self.apply_preset(PRESETS)
@@ -117,6 +126,9 @@ class TrainRankGRPOConfig(TrainerConfig):
         if self.fsdp and self.compile:
             raise ConfigError("--compile with --fsdp: the compiled decode step has not been tried on FSDP2-sharded "
                               "models yet; use DDP (drop --fsdp) or sample eagerly (drop --compile)")
+        if self.constrained and self.compile:
+            raise ConfigError("--constrained does not work with --compile yet (the compiled decode applies no "
+                              "constraint); drop one of them")
         try:
             parse_lr_schedule(self.lr_schedule)
         except ValueError as e:
@@ -198,6 +210,14 @@ def train(cfg, world) -> int:
             if ex.report.counts:
                 print(f"rl data ({name}): {ex.report.summary()}", file=sys.stderr)
         write_data_report()
+    trie = catalog_trie(catalog, tokenizer, cache_dir=cfg.trie_cache or None) if cfg.constrained else None
+
+    def constraint_for(exs):
+        """One exclusion set per example of `exs` (this rank's prompts, in order), or None."""
+        if trie is None:
+            return None
+        return constraint_for_examples(trie, catalog, exs, n_items=cfg.n_items, eos_token_ids=eos_ids,
+                                       exclude_seen=cfg.exclude_seen)
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -221,13 +241,15 @@ def train(cfg, world) -> int:
     def validate_now():  # every rank validates on the whole set; rank 0 logs
         with inference_model(model) as m:
             row = {"step": step, **validate_generation(m, tokenizer, val, catalog, max_new_tokens=cfg.max_new_tokens,
-                                                        n_items=cfg.n_items, compile=cfg.compile)}
+                                                        n_items=cfg.n_items, compile=cfg.compile,
+                                                        constraint=val_constraint)}
         if not world.is_main:
             return
         append_jsonl(log_path, row)
         tqdm.write(f"step {step}: val NDCG@20 {row['val_ndcg@20']:.4f} R@20 {row['val_recall@20']:.4f} "
                    f"in-catalog {row['val_in_catalog']:.3f}")
 
+    val_constraint = constraint_for(val)
     if step == 0 and cfg.eval_every and not resume_from:
         validate_now()
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.algo, dynamic_ncols=True, disable=not world.is_main)
@@ -241,19 +263,22 @@ def train(cfg, world) -> int:
         prompts = [global_prompts[j] for j in positions]
 
         # 1. rollout: prompt j of the step samples from a generator of (seed, step, j) alone, so
-        # its group is the same on any rank of any world size
+        # its group is the same on any rank of any world size; under --constrained one exclusion
+        # set per prompt of this rank (rollout.prompt_index is local, so are the sets)
         model.eval()
+        constraint = constraint_for(step_examples)
         with inference_model(model) as policy:
             rollout = sample(policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, eos_token_ids=eos_ids,
                              pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
                              generator=prompt_generators(cfg.seed, step, positions, cfg.device),
-                             stop_after_items=cfg.stop_after_lines or None, compile=cfg.compile)
+                             stop_after_items=cfg.stop_after_lines or None, compile=cfg.compile,
+                             constraint=constraint)
         sync(torch.device(cfg.device))
         t_sample = time.perf_counter()
-        # 2-4. score, advantages, segmentation, reference log-probs
+        # 2-4. score, advantages, segmentation, reference log-probs (under the rollout's constraint)
         batch = prepare_batch(rollout, step_examples, tokenizer, catalog, cfg, reference=reference, autocast=autocast,
-                              world=world)
+                              world=world, constraint=constraint)
         listing = rollout_metrics(batch, cfg.group_size, cfg.n_items)
 
         # 5. mu optimiser steps on this batch

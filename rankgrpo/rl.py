@@ -102,7 +102,10 @@ class RLBatch:
     rank_ids / mask: [B, T]; eos_index: [B] (-1 where the row did not end with eos); adv: [B, N] or [B];
     rewards: the un-normalised returns; denom: the loss denominator of the aggregation (global over B);
     micro: row-index tensors of the micro-batches; ref_logp / old_logp: one [b, T] tensor per
-    micro-batch (old_logp is filled by the first ``update_pass``; None until then)."""
+    micro-batch (old_logp is filled by the first ``update_pass``; None until then); constraints:
+    one row-aligned ``CatalogConstraint`` per micro-batch under catalog-constrained decoding
+    (``constraint.for_rows(rollout.prompt_index[rows])``), else empty: every log-prob is then that
+    of the constrained distribution the rollout was sampled from."""
 
     rollout: Rollout
     scored: dict
@@ -116,11 +119,20 @@ class RLBatch:
     ref_logp: list[torch.Tensor | None]
     old_logp: list[torch.Tensor | None] = field(default_factory=list)
     times: dict = field(default_factory=dict)
+    constraints: list = field(default_factory=list)
+
+    def constraint(self, j: int):
+        """The constraint of micro-batch j (None: unconstrained)."""
+        return self.constraints[j] if self.constraints else None
 
 
 def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Catalog, cfg, *,
-                  reference=None, autocast: Callable = contextlib.nullcontext, world: World = World()) -> RLBatch:
+                  reference=None, autocast: Callable = contextlib.nullcontext, world: World = World(),
+                  constraint=None) -> RLBatch:
     """Stages 2-4 and the reference log-probs (once per batch, before any update).
+
+    ``constraint``: the ``CatalogConstraint`` ``rollout`` was sampled under (one exclusion set per
+    prompt of ``rollout``, i.e. of this rank's prompts under data parallelism), or None.
 
     Under data parallelism ``rollout`` holds this rank's whole groups and the loss denominator is
     summed over ranks, so every rank divides by the global B * N (rank_mean) or token count."""
@@ -137,17 +149,20 @@ def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
     t1 = time.perf_counter()
     micro = [torch.arange(i, min(i + cfg.micro_batch_size, rollout.num_rows))
              for i in range(0, rollout.num_rows, cfg.micro_batch_size)]
+    # the same constraint, one exclusion set per row: log-probs of the distributions sampled from
+    constraints = [] if constraint is None else [constraint.for_rows(rollout.prompt_index[rows]) for rows in micro]
     ref_logp: list[torch.Tensor | None] = [None] * len(micro)
     if reference is not None:
         with torch.no_grad(), autocast():
             for j, rows in enumerate(micro):
                 ids, attn, start = rollout.model_inputs(rows)
-                ref_logp[j] = token_logprobs(reference, ids.to(dev), attn.to(dev), start, cfg.temperature).float()
+                ref_logp[j] = token_logprobs(reference, ids.to(dev), attn.to(dev), start, cfg.temperature,
+                                             constraint=constraints[j] if constraints else None).float()
     sync(dev)
     t2 = time.perf_counter()
     return RLBatch(rollout=rollout, scored=scored, rewards=rewards, adv=adv.to(dev), rank_ids=rank_ids, mask=mask,
                    eos_index=eos_index, denom=denom, micro=micro, ref_logp=ref_logp, old_logp=[None] * len(micro),
-                   times={"time/score": t1 - t0, "time/ref": t2 - t1})
+                   times={"time/score": t1 - t0, "time/ref": t2 - t1}, constraints=constraints)
 
 
 def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int = 0,
@@ -172,7 +187,7 @@ def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int 
         with grad_sync(model, j == len(batch.micro) - 1):
             with autocast():
                 logp, ent = token_logprobs(model, ids.to(dev), attn.to(dev), start, cfg.temperature,
-                                           return_entropy=True)
+                                           return_entropy=True, constraint=batch.constraint(j))
             logp = logp.float()
             sync(dev)
             t_forward += time.perf_counter() - t0

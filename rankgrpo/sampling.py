@@ -351,6 +351,7 @@ def sample(
     prompt_batch_size: int | None = None,
     compact_fraction: float = 0.125,
     compile: bool = False,
+    constraint=None,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt with a KV cache; see the module docstring.
 
@@ -389,6 +390,12 @@ def sample(
         compile: decode with a static KV cache and a compiled one-token step (CUDA graphs on
             a GPU); same tokens and log-probs, finished rows stay in the batch. See
             `rankgrpo.compiled_decode`; its figures go to `Rollout.decode_stats`.
+        constraint: a `rankgrpo.constraint.CatalogConstraint` (default None: unconstrained, as
+            in the paper). Every row then writes only catalog lines, no line twice, and the
+            recorded log-probs are those of the masked, renormalised distribution, which
+            `token_logprobs(..., constraint=constraint.for_rows(rollout.prompt_index))`
+            recomputes. Its exclusion sets, if any, are one per prompt. Eager decode only: with
+            `compile` it raises NotImplementedError.
 
     Returns: a `Rollout` (completion_ids [P*G, T], completion_mask, logprobs, lengths, ...).
 
@@ -418,6 +425,10 @@ def sample(
         line_counter = line_counter.to(device)
     else:
         line_counter = None
+    if constraint is not None and constraint.num_groups() not in (None, len(prompts)):
+        raise ValueError(f"constraint has {constraint.num_groups()} exclusion sets for {len(prompts)} prompts")
+    if constraint is not None and compile:
+        raise NotImplementedError("sample(compile=True) does not apply a constraint; use the eager decode")
 
     prompts = [list(map(int, p)) for p in prompts]
     if isinstance(generator, Sequence) and len(generator) != len(prompts):
@@ -438,7 +449,7 @@ def sample(
                 G=G, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 greedy=greedy, eos_ids=eos_ids, stop_after_items=stop_after_items,
                 line_counter=line_counter, generator=generator, pad_token_id=pad_token_id,
-                compact_fraction=compact_fraction,
+                compact_fraction=compact_fraction, constraint=constraint,
             )
 
     T = int(out.lengths.max())
@@ -485,7 +496,7 @@ def _prefill(model, prompts: list[list[int]], pad_token_id: int, max_new_tokens:
 @torch.inference_mode()
 def _sample_prompt_batch(
     model, prompts, batch, out: _Outputs, *, G, max_new_tokens, temperature, top_p, greedy,
-    eos_ids, stop_after_items, line_counter, generator, pad_token_id, compact_fraction,
+    eos_ids, stop_after_items, line_counter, generator, pad_token_id, compact_fraction, constraint=None,
 ):
     """Prefill the prompts `batch` (indices into `prompts`) once, expand to G rows each, decode.
 
@@ -510,13 +521,18 @@ def _sample_prompt_batch(
     lines = (line_counter.start(len(rows), device) if line_counter is not None
              else torch.zeros(len(rows), device=device))
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    guide = None if constraint is None else constraint.start((rows // G).tolist())
 
     for t in range(max_new_tokens):
+        if guide is not None:  # catalog constraint: disallowed tokens to -inf, then renormalised below
+            logits = guide.mask_logits(logits)
         tokens, logprobs = choose_row_tokens(
             logits, rows, G, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
         )
         out.ids[rows, t] = tokens
         out.logprobs[rows, t] = logprobs
+        if guide is not None:
+            guide.advance(tokens)
         is_eos = torch.isin(tokens, eos_ids)
         at_item_limit = torch.zeros_like(is_eos)
         if stop_after_items is not None:
@@ -540,6 +556,8 @@ def _sample_prompt_batch(
                 rows, tokens, mask, positions = rows[keep], tokens[keep], mask[keep], positions[keep]
                 lines, finished = lines[keep], finished[keep]
                 cache.batch_select_indices(keep)
+                if guide is not None:
+                    guide.select(keep)
         logits = _last_logits(
             model, input_ids=tokens[:, None], attention_mask=mask[:, : width + t + 1],
             position_ids=positions[:, None], use_cache=True, **cache_argument(model, cache),
@@ -683,6 +701,7 @@ def token_logprobs(
     *,
     chunk_tokens: int = 1024,
     return_entropy: bool = False,
+    constraint=None,
 ):
     """Teacher-forced log-probs of the completion tokens -> float32 [B, T], T = L - completion_start.
 
@@ -705,8 +724,19 @@ def token_logprobs(
     beyond the model's own logits no [B, T, V] tensor is held (see `selective_log_softmax`). With
     `return_entropy=True` it also returns the true entropy [B, T] of the same
     temperature-scaled distributions (no grad), from the same forward pass.
+
+    With `constraint` (a `rankgrpo.constraint.CatalogConstraint` with one exclusion set per
+    row, see `CatalogConstraint.for_rows`) the log-probs are those of the catalog-constrained,
+    renormalised distribution that `sample(..., constraint=)` drew from: only the normaliser
+    over each position's allowed ids is computed (`rankgrpo.constraint.constrained_logprobs`);
+    the entropy is then that of the constrained distribution too. Outside the mask it gives 0.
     """
     logits = completion_logits(model, input_ids, attention_mask, completion_start)
+    if constraint is not None:
+        from rankgrpo.constraint import constrained_logprobs
+
+        return constrained_logprobs(logits, input_ids[:, completion_start:], attention_mask[:, completion_start:],
+                                    constraint, temperature, return_entropy=return_entropy)
     logp = selective_log_softmax(logits, input_ids[:, completion_start:], temperature, chunk_tokens)
     if return_entropy:
         return logp, entropy_from_logits(logits.detach(), temperature, chunk_tokens)

@@ -325,7 +325,7 @@ def start_from(cfg):
 @torch.no_grad()
 def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int,
                        batch_size: int = 32, stop_after_items: int | None = None,
-                       progress: bool = False, compile: bool = False) -> list[str]:
+                       progress: bool = False, compile: bool = False, constraint=None) -> list[str]:
     """Greedy lists, generated once per unique prompt and shared by examples with that prompt.
 
     A row stops at its eos or at ``max_new_tokens`` (the paper: 1,024, PAPER.md 8.2), or, with
@@ -333,7 +333,10 @@ def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new
     (``rankgrpo.stopping.ItemLineCounter``: blank lines never count; a preamble line does).
     Give N plus a margin for the lines the scoring drops (preamble, seen, out-of-catalog and
     repeated items), since filtered lists shift up and later items reach the top N. ``compile``:
-    the sampler's static-cache compiled decode (``sample(..., compile=True)``)."""
+    the sampler's static-cache compiled decode (``sample(..., compile=True)``).
+    ``constraint``: a ``rankgrpo.constraint.CatalogConstraint`` whose exclusion sets (if any)
+    are one per example (``constraint_for_examples``): decoding is then catalog-constrained,
+    and a list ends at <eos> after its N-th catalog line (N: the constraint's ``n_items``)."""
     was_training = model.training
     model.eval()
     eos = eos_token_ids(model, tokenizer)
@@ -341,15 +344,18 @@ def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new
     if stop_after_items is not None:
         counter = ItemLineCounter.from_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings)
     unique: dict[str, list[int]] = {}
-    for ex in examples:
+    first_example: dict[str, int] = {}  # an example of each prompt (same prompt, same seen titles)
+    for i, ex in enumerate(examples):
         unique.setdefault(ex.prompt_text, chat_prompt_ids(tokenizer, ex))
+        first_example.setdefault(ex.prompt_text, i)
     keys = list(unique)
     texts: dict[str, str] = {}
     for i in tqdm(range(0, len(keys), batch_size), desc="generate", disable=not progress, dynamic_ncols=True):
         chunk = keys[i:i + batch_size]
         ro = sample(model, [unique[k] for k in chunk], group_size=1, max_new_tokens=max_new_tokens, greedy=True,
                     eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                    stop_after_items=stop_after_items, line_counter=counter, compile=compile)
+                    stop_after_items=stop_after_items, line_counter=counter, compile=compile,
+                    constraint=None if constraint is None else constraint.for_rows([first_example[k] for k in chunk]))
         for k, row, n in zip(chunk, ro.completion_ids, ro.lengths.tolist()):
             texts[k] = decode_completion(row[:n].tolist(), tokenizer)
     if was_training:
@@ -371,14 +377,15 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def validate_generation(model, tokenizer, examples: Sequence[Example], catalog: Catalog, *, max_new_tokens: int,
                         n_items: int = 20, batch_size: int = 32, stop_margin: int = 10,
-                        compile: bool = False) -> dict:
+                        compile: bool = False, constraint=None) -> dict:
     """Greedy Recall/NDCG@{5,10,20}, in-catalog and format-valid ratios on ``examples`` (means only),
-    under the paper's evaluation protocol.
+    under the paper's evaluation protocol; catalog-constrained with ``constraint`` (see
+    ``greedy_completions``).
 
     Generation stops at eos, ``max_new_tokens``, or once ``n_items + stop_margin`` lines with
     text are closed (room for lines the scoring filters out; see ``greedy_completions``)."""
     completions = greedy_completions(model, tokenizer, examples, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, stop_after_items=n_items + stop_margin,
-                                     compile=compile)
+                                     compile=compile, constraint=constraint)
     agg, _ = score_examples(examples, completions, catalog, ks=(5, 10, 20), n_items=n_items)
     return {f"val_{k}": v["mean"] for k, v in agg.items() if isinstance(v, dict)}

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 from test_pipeline import ENV, ROOT, TINY, rl_args, sft_args, world  # noqa: F401  (world is a fixture)
 
+from rankgrpo.catalog import load_catalog
+from rankgrpo.data import load_examples, write_examples
 from rankgrpo.distributed import World, check_resumable, prompt_generators
 from rankgrpo.models import tiny_model
 from rankgrpo.sampling import sample
@@ -167,6 +169,37 @@ def test_rl_token_mean_ddp_equals_one_process(world, sft_model, tmp_path):  # no
     assert any(r["reward/rank_1"] > 0 for r in log_rows(tmp_path / "one"))  # rewards, not only penalties
 
 
+def mention_learned_films(world, name):  # noqa: F811
+    """The examples of `name`, each "mentioning" one of the four learned films that are not its
+    ground truth, a different one by example (what --constrained excludes by default)."""
+    films = [(it.title, it.year) for it in list(load_catalog(world / "catalog.jsonl"))[:5]]
+    examples = load_examples(world / name)
+    for k, e in enumerate(examples):
+        e.seen_titles = [films[1 + k % 4][0]]
+    return examples
+
+
+@pytest.mark.slow
+def test_rl_constrained_ddp_equals_one_process(world, sft_model, tmp_path):  # noqa: F811
+    # each rank builds the constraint of its own prompts (their seen titles excluded) and aligns it
+    # with its local rollout's prompt_index: the same rollouts, log-probs and weights as one process.
+    # Every conversation "mentions" one of the five films SFT learned, a different one by example,
+    # so a rank that used another prompt's exclusions would sample (and score) other lists.
+    write_examples(tmp_path / "train.jsonl", mention_learned_films(world, "easy_train.jsonl"))
+
+    def args(out):
+        a = rl(world, sft_model, out, "rank_mean", 1)
+        a[a.index("--data") + 1] = tmp_path / "train.jsonl"
+        return [*a, "--constrained"]
+
+    in_process("train_rankgrpo.py", *args(tmp_path / "one"))
+    torchrun("train_rankgrpo.py", *args(tmp_path / "ddp"))
+    assert max_abs_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp")) <= 1e-5
+    same_rollouts_and_global_means(tmp_path / "one", tmp_path / "ddp")
+    for run in ("one", "ddp"):
+        assert all(r["in_catalog"] == 1.0 for r in log_rows(tmp_path / run))
+
+
 def _rank_pid(launcher_pid: int, rank: int) -> int:
     """The pid of torchrun's worker process with RANK=rank (a child of the launcher)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -217,10 +250,18 @@ def test_rl_rank_mean_fsdp_equals_one_process_and_resumes_after_sigkill(world, s
 
 
 @pytest.mark.slow
-def test_evaluate_under_torchrun_gathers_the_same_lists(world, sft_model, tmp_path):  # noqa: F811
-    args = ["--model", sft_model, "--data", world / "easy_validation.jsonl", "--catalog", world / "catalog.jsonl",
-            "--max-new-tokens", 48, "--n-items", 5, "--batch-size", 3]
+@pytest.mark.parametrize("constrained", [False, True], ids=["plain", "constrained"])
+def test_evaluate_under_torchrun_gathers_the_same_lists(world, sft_model, tmp_path, constrained):  # noqa: F811
+    data = world / "easy_validation.jsonl"
+    if constrained:  # each rank builds the exclusion sets of the examples it generates for
+        data = tmp_path / "validation.jsonl"
+        write_examples(data, mention_learned_films(world, "easy_validation.jsonl"))
+    args = ["--model", sft_model, "--data", data, "--catalog", world / "catalog.jsonl",
+            "--max-new-tokens", 48, "--n-items", 5, "--batch-size", 3, *(["--constrained"] if constrained else [])]
     in_process("evaluate.py", *args, "--out", tmp_path / "one")
     torchrun("evaluate.py", *args, "--out", tmp_path / "two")
     a, b = ((tmp_path / d / "examples.jsonl").read_text() for d in ("one", "two"))
     assert a == b and len(a.splitlines()) == TINY.n_validation
+    if constrained:
+        results = json.loads((tmp_path / "two" / "results.json").read_text())["results"]
+        assert results["in_catalog"]["mean"] == 1.0
