@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from rankgrpo.sandbox import vocab as V
 from rankgrpo.sandbox.world import (
@@ -150,12 +151,14 @@ def lm_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
 
 
 def pretrain_base_model(model, tokenizer, world: World, *, steps: int, lr: float, batch_size: int, seq_len: int,
-                        fact_renderings: int, co_preference_sentences: int, seed: int = 0) -> dict:
+                        fact_renderings: int, co_preference_sentences: int, seed: int = 0,
+                        progress: bool = False) -> dict:
     """Train ``model`` in place for ``steps`` AdamW steps of causal LM on ``knowledge_corpus``.
 
     Blocks are visited in a fresh permutation per epoch drawn from (seed, epoch). Learning rate:
-    5% linear warm-up, then cosine to 0. Returns the record written to ``base_model/pretrain.json``:
-    steps, tokens seen, corpus size, first/last training loss, seconds."""
+    5% linear warm-up, then cosine to 0. ``progress`` shows a progress bar. Returns the record
+    written to ``base_model/pretrain.json``: steps, tokens seen, corpus size, first/last training
+    loss (the last is a mean of the last 10 steps), seconds."""
     docs = knowledge_corpus(world, fact_renderings=fact_renderings,
                             co_preference_sentences=co_preference_sentences, seed=seed)
     blocks = pack(tokenizer, docs, seq_len)
@@ -171,7 +174,7 @@ def pretrain_base_model(model, tokenizer, world: World, *, steps: int, lr: float
             opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
         order = torch.empty(0, dtype=torch.long)
         pos = 0
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc="knowledge pretraining", disable=not progress, dynamic_ncols=True):
             if pos + batch_size > len(order):
                 order, pos = torch.randperm(len(blocks), generator=gen), 0
                 if len(order) < batch_size:
