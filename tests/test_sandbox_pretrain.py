@@ -11,7 +11,7 @@ import torch
 
 from rankgrpo.sandbox import SandboxConfig, build_world, ensure_world, load_world
 from rankgrpo.sandbox.model import build_base_model
-from rankgrpo.sandbox.pretrain import knowledge_corpus, lm_loss, pack
+from rankgrpo.sandbox.pretrain import catalog_lists, knowledge_corpus, lm_loss, pack
 from rankgrpo.sandbox.world import World, conversation_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,6 +98,26 @@ def test_corpus_holds_no_conversation_and_no_recommendation_list(world_dir):
                     n += 1
     assert n > 0
     assert "Here is the conversation" not in text
+
+
+def test_catalog_lists_are_catalog_facts_in_the_expected_order(world_dir):
+    world = load_world(world_dir)
+    docs = catalog_lists(world)
+    assert docs == catalog_lists(World(world.config, world.catalog))
+    by_director = {d.split(":\n")[0]: d.split(":\n")[1].split("\n") for d in docs if d.startswith("Films directed")}
+    assert len(by_director) == len(world.directors)
+    assert sum(len(v) for v in by_director.values()) == len(world.catalog)  # every film once
+    for lines in by_director.values():
+        years = [int(x.rsplit("(", 1)[1].rstrip(")")) for x in lines]
+        assert years == sorted(years)
+    horror_80s = next(d for d in docs if d.startswith("Horror films of the 1980s"))
+    expected = sorted((i for i, it in enumerate(world.catalog)
+                       if "Horror" in it.meta["genres"] and 1980 <= it.year <= 1989),
+                      key=lambda i: -world.popularity[i])[:10]
+    assert horror_80s.split("\n")[1:] == [f"{world.catalog[i].title} ({world.catalog[i].year})" for i in expected]
+    with_lists = knowledge_corpus(world, **CORPUS, lists=True)
+    assert len(with_lists) == len(knowledge_corpus(world, **CORPUS)) + 2 * len(docs)
+    assert "USER:" not in "\n".join(with_lists)
 
 
 def test_pack_joins_documents_with_endoftext_and_drops_the_tail(world_dir):

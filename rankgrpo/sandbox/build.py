@@ -122,7 +122,7 @@ def build_world(cfg: SandboxConfig | None = None, out_dir: str | Path = "sandbox
                 model, tokenizer, world, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                 batch_size=cfg.pretrain_batch_size, seq_len=cfg.pretrain_seq_len,
                 fact_renderings=cfg.pretrain_fact_renderings, co_preference_sentences=cfg.pretrain_co_preference,
-                seed=cfg.seed, progress=verbose)
+                lists=cfg.pretrain_catalog_lists, seed=cfg.seed, progress=verbose)
             if verbose:
                 r = pretrain_record
                 print(f"knowledge pretraining: {r['steps']} steps, {r['tokens_seen']} tokens "

@@ -73,6 +73,9 @@ class SandboxConfig:
     pretrain_fact_renderings: int = arg(8, "Fact paragraphs per film in the pretraining corpus (each worded anew).")
     pretrain_co_preference: int = arg(20000, "Co-preference sentences in the pretraining corpus, each from a "
                                              "fresh taste drawn from the world's taste model.")
+    pretrain_catalog_lists: bool = arg(False, "Also pretrain on catalog lists written one 'Title (Year)' a line "
+                                              "(each director's films; the most watched films of each genre and "
+                                              "decade): reference facts, not answers to any conversation.")
 
     def validate(self) -> None:
         if self.n_films < 200:

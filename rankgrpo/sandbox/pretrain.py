@@ -110,13 +110,39 @@ def co_preference(world: World, rng: np.random.Generator) -> str:
                        f"Viewers of {first} often watch {rest} too."))
 
 
-def knowledge_corpus(world: World, *, fact_renderings: int, co_preference_sentences: int,
+def catalog_lists(world: World, top: int = 10) -> list[str]:
+    """Catalog facts written one "Title (Year)" a line, as reference pages list films: each
+    director's films by year, and the ``top`` most watched films of each genre and decade, e.g.
+
+    "Horror films of the 1980s, most watched first:\nThe Cellar (1984)\nBlood Ritual (1981)"
+
+    They depend on the catalog alone (no taste, no conversation)."""
+    docs = []
+    for d, name in enumerate(world.directors):
+        films = sorted(np.flatnonzero(world.director_ids == d), key=lambda i: (world.years[i], world.catalog[i].title))
+        if films:
+            docs.append(f"Films directed by {name}:\n" + "\n".join(_name(world, int(i)) for i in films))
+    decades = sorted({int(y) // 10 * 10 for y in world.years})
+    for j, genre in enumerate(V.GENRE_NAMES):
+        for decade in decades:
+            members = np.flatnonzero((world.genre_matrix[:, j] > 0) & (world.years // 10 * 10 == decade))
+            if len(members):
+                best = members[np.argsort(-world.popularity[members], kind="stable")][:top]
+                docs.append(f"{genre} films of the {decade}s, most watched first:\n"
+                            + "\n".join(_name(world, int(i)) for i in best))
+    return docs
+
+
+def knowledge_corpus(world: World, *, fact_renderings: int, co_preference_sentences: int, lists: bool = False,
                      seed: int = 0) -> list[str]:
     """The pretraining documents in a fixed, shuffled order (deterministic from ``seed``):
-    ``fact_renderings`` fact paragraphs per film and ``co_preference_sentences`` sentences."""
+    ``fact_renderings`` fact paragraphs per film, ``co_preference_sentences`` sentences and,
+    with ``lists``, the ``catalog_lists`` (``fact_renderings`` copies)."""
     rng = rng_for("pretrain-corpus", seed)
     docs = [film_facts(world, i, rng) for _ in range(fact_renderings) for i in range(len(world.catalog))]
     docs += [s for s in (co_preference(world, rng) for _ in range(co_preference_sentences)) if s]
+    if lists:
+        docs += catalog_lists(world) * fact_renderings
     order = rng.permutation(len(docs))
     return [docs[j] for j in order]
 
@@ -151,8 +177,8 @@ def lm_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
 
 
 def pretrain_base_model(model, tokenizer, world: World, *, steps: int, lr: float, batch_size: int, seq_len: int,
-                        fact_renderings: int, co_preference_sentences: int, seed: int = 0,
-                        progress: bool = False) -> dict:
+                        fact_renderings: int, co_preference_sentences: int, lists: bool = False,
+                        seed: int = 0, progress: bool = False) -> dict:
     """Train ``model`` in place for ``steps`` AdamW steps of causal LM on ``knowledge_corpus``.
 
     Blocks are visited in a fresh permutation per epoch drawn from (seed, epoch). Learning rate:
@@ -160,7 +186,7 @@ def pretrain_base_model(model, tokenizer, world: World, *, steps: int, lr: float
     written to ``base_model/pretrain.json``: steps, tokens seen, corpus size, first/last training
     loss (the last is a mean of the last 10 steps), seconds."""
     docs = knowledge_corpus(world, fact_renderings=fact_renderings,
-                            co_preference_sentences=co_preference_sentences, seed=seed)
+                            co_preference_sentences=co_preference_sentences, lists=lists, seed=seed)
     blocks = pack(tokenizer, docs, seq_len)
     t0 = time.perf_counter()
     losses = []
