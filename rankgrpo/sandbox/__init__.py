@@ -12,7 +12,8 @@ scores the popularity list, the simulated teacher and the oracle on the test spl
 
 Modules: ``config`` (SandboxConfig, TeacherConfig), ``vocab`` (word lists), ``world``
 (generative story and relevance), ``build`` (files), ``teacher`` (the simulated teacher
-and judge), ``baselines`` (popularity, oracle, calibration), ``model`` (tokenizer, base model).
+and judge), ``baselines`` (popularity, oracle, calibration), ``model`` (tokenizer, base model), ``pretrain`` (opt-in knowledge pretraining of the base model
+on text the world writes about its films: ``--pretrain-steps N``).
 """
 from rankgrpo.sandbox.baselines import calibrate, calibration_report, oracle_baseline, popularity_baseline
 from rankgrpo.sandbox.build import build_world, ensure_world, load_world

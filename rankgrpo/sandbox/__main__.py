@@ -2,6 +2,7 @@
 
     python -m rankgrpo.sandbox --out DIR [--seed 0 --n-films 3000 ...]   build a world (every SandboxConfig field)
     python -m rankgrpo.sandbox --out DIR --calibrate                   build, then calibrate
+    python -m rankgrpo.sandbox --out DIR --pretrain-steps 300          a base model that knows its films
     python -m rankgrpo.sandbox calibrate --world DIR [--ooc-rate ...]   calibrate (every TeacherConfig field)
 """
 from __future__ import annotations

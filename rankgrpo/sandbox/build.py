@@ -6,7 +6,9 @@ Layout of ``DIR`` (a split directory like the released data, plus the catalog an
     DIR/train.jsonl            samples in the data format (prompt, seen_titles,
     DIR/validation.jsonl         groundtruth_with_release_year, num_groundtruth, id, date),
     DIR/test.jsonl               in time order: train < validation < test
-    DIR/base_model/            tokenizer + random tiny Qwen2 (``from_pretrained``-able)
+    DIR/base_model/            tokenizer + tiny Qwen2 (``from_pretrained``-able): random, or after
+                               ``pretrain_steps`` of knowledge pretraining (base_model/pretrain.json:
+                               steps, tokens, loss, seconds)
     DIR/hidden/world.json      the SandboxConfig, counts and the sha256 of every data file
     DIR/hidden/tastes.jsonl    the latent taste of every conversation, keyed by conversation_key:
                                what only the simulated teacher and the oracle may read
@@ -38,7 +40,7 @@ from rankgrpo.sandbox.world import (
 )
 
 SPLITS = ("train", "validation", "test")
-_GENERATOR_MODULES = ("config.py", "vocab.py", "world.py", "build.py", "model.py")
+_GENERATOR_MODULES = ("config.py", "vocab.py", "world.py", "build.py", "model.py", "pretrain.py")
 
 
 def generator_version() -> str:
@@ -112,10 +114,26 @@ def build_world(cfg: SandboxConfig | None = None, out_dir: str | Path = "sandbox
                                  num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                                  intermediate_size=cfg.intermediate_size,
                                  max_position_embeddings=cfg.max_position_embeddings, seed=cfg.seed)
+        pretrain_record = None
+        if cfg.pretrain_steps:
+            from rankgrpo.sandbox.pretrain import pretrain_base_model
+
+            pretrain_record = pretrain_base_model(
+                model, tokenizer, world, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                batch_size=cfg.pretrain_batch_size, seq_len=cfg.pretrain_seq_len,
+                fact_renderings=cfg.pretrain_fact_renderings, co_preference_sentences=cfg.pretrain_co_preference,
+                lists=cfg.pretrain_catalog_lists, seed=cfg.seed, progress=verbose)
+            if verbose:
+                r = pretrain_record
+                print(f"knowledge pretraining: {r['steps']} steps, {r['tokens_seen']} tokens "
+                      f"(corpus {r['corpus_tokens']} tokens, {r['corpus_documents']} documents), "
+                      f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, {r['seconds']:.1f}s")
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".base_model.", dir=out))
         try:
             save_base_model(tmp, tokenizer, model)
+            if pretrain_record is not None:
+                atomic_write_json(tmp / "pretrain.json", pretrain_record)
             if (out / "base_model").exists():
                 shutil.rmtree(out / "base_model")
             tmp.rename(out / "base_model")
@@ -125,6 +143,8 @@ def build_world(cfg: SandboxConfig | None = None, out_dir: str | Path = "sandbox
                 shutil.rmtree(tmp)
         manifest["counts"]["model_parameters"] = sum(p.numel() for p in model.parameters())
         manifest["counts"]["vocab_size"] = len(tokenizer)
+        if pretrain_record is not None:
+            manifest["counts"]["pretrain_tokens"] = pretrain_record["tokens_seen"]
     atomic_write_json(out / HIDDEN / "world.json", manifest)  # written last: marks the world complete
     if verbose:
         c = manifest["counts"]

@@ -63,6 +63,20 @@ class SandboxConfig:
     intermediate_size: int = arg(512, "Base model MLP width.")
     max_position_embeddings: int = arg(2048, "Base model context length.")
 
+    # ---- knowledge pretraining of the base model (rankgrpo/sandbox/pretrain.py)
+    pretrain_steps: int = arg(0, "Causal-LM steps on text the world writes about its films (facts and "
+                                 "'people who liked A also liked B' sentences) before the base model is saved; "
+                                 "0 leaves it random.")
+    pretrain_lr: float = arg(3e-3, "Peak learning rate of knowledge pretraining (5% warm-up, cosine to 0).")
+    pretrain_batch_size: int = arg(16, "Blocks per knowledge-pretraining step.")
+    pretrain_seq_len: int = arg(128, "Tokens per packed knowledge-pretraining block.")
+    pretrain_fact_renderings: int = arg(8, "Fact paragraphs per film in the pretraining corpus (each worded anew).")
+    pretrain_co_preference: int = arg(20000, "Co-preference sentences in the pretraining corpus, each from a "
+                                             "fresh taste drawn from the world's taste model.")
+    pretrain_catalog_lists: bool = arg(False, "Also pretrain on catalog lists written one 'Title (Year)' a line "
+                                              "(each director's films; the most watched films of each genre and "
+                                              "decade): reference facts, not answers to any conversation.")
+
     def validate(self) -> None:
         if self.n_films < 200:
             raise ValueError("n_films must be at least 200")
@@ -80,6 +94,13 @@ class SandboxConfig:
             raise ValueError("sequel_rate + remake_rate must be at most 0.5")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
+        if min(self.pretrain_steps, self.pretrain_co_preference) < 0 or self.pretrain_lr < 0:
+            raise ValueError("pretrain_steps, pretrain_co_preference and pretrain_lr must be >= 0")
+        if self.pretrain_steps and min(self.pretrain_batch_size, self.pretrain_seq_len,
+                                       self.pretrain_fact_renderings) < 1:
+            raise ValueError("pretrain_batch_size, pretrain_seq_len and pretrain_fact_renderings must be >= 1")
+        if self.pretrain_steps and not self.build_model:
+            raise ValueError("pretrain_steps needs build_model")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
 
