@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from rankgrpo.models import CHATML_TEMPLATE
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -24,18 +26,8 @@ SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{ '\\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# The ChatML template with {% generation %} markers, shared with --chat-template chatml.
+CHAT_TEMPLATE = CHATML_TEMPLATE
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 4096, model_max_length: int = 2048):
