@@ -20,12 +20,7 @@ VOCAB = 128
 BUCKET = [8, 256]  # every call below: at most 8 rows, prompt width + new tokens <= 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,7 @@ FILMS = [("Heat", 1995), ("Heat", 1986), ("Heat Wave", 2001), ("Alien", 1979), (
 N_ITEMS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,13 @@
 """`--constrained` through the scripts as users run them, on a tiny sandbox world: every line
 that evaluate.py and train_rankgrpo.py generate is a catalog line, none twice, no seen title."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from rankgrpo.catalog import load_catalog, normalize_title
 from rankgrpo.constraint import catalog_lines
 from rankgrpo.data import load_examples
 from rankgrpo.sandbox import SandboxConfig, build_world
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def script(name, *args):
-    res = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], env=ENV, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, f"{name} failed:\n{res.stderr[-3000:]}"
-    return res.stdout
+from helpers import script
 
 
 def test_evaluate_and_train_with_constrained(tmp_path):

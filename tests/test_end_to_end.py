@@ -1,21 +1,9 @@
 """Smoke test: the four scripts, as users run them, chained on a tiny sandbox world."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from rankgrpo.sandbox import SandboxConfig, build_world
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def script(name, *args):
-    res = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], env=ENV, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, f"{name} failed:\n{res.stderr[-3000:]}"
-    return res.stdout
+from helpers import script
 
 
 def test_four_scripts_end_to_end(tmp_path):

@@ -74,12 +74,7 @@ ADV = [[UP, DOWN], [DOWN, UP], [DOWN, DOWN], [UP, DOWN], [DOWN, DOWN], [DOWN, UP
 D = len(COMPLETIONS) * N   # the rank_mean denominator: B * N units
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

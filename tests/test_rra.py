@@ -23,13 +23,7 @@ from rankgrpo.demos.teacher import CachedTeacher, ChatTeacher
 from rankgrpo.parsing import parse_recommendations
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: extra threads only add overhead (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_docstring_examples():
