@@ -35,7 +35,7 @@ from rankgrpo.checkpoint import truncate_log
 from rankgrpo.config import ConfigError, arg, save_config
 from rankgrpo.constraint import catalog_trie, constraint_for_examples
 from rankgrpo.data import chat_prompt_ids, load_examples, truncate_left
-from rankgrpo.distributed import (close_world, inference_model, init_world, prompt_generators, resume_training,
+from rankgrpo.distributed import (inference_model, prompt_generators, resume_training, run_in_world,
                                   save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.models import load_model
@@ -153,11 +153,7 @@ def main(argv=None) -> int:
 
 def run(cfg) -> int:
     check_paths(data=cfg.data, val_data=cfg.val_data, catalog=cfg.catalog)
-    world = init_world(cfg.device, cfg.fsdp)
-    try:
-        return train(cfg, world)
-    finally:
-        close_world(world)
+    return run_in_world(train, cfg)
 
 
 def train(cfg, world) -> int:

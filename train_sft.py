@@ -25,8 +25,8 @@ from rankgrpo.catalog import load_catalog
 from rankgrpo.checkpoint import truncate_log
 from rankgrpo.config import arg, save_config
 from rankgrpo.data import load_examples
-from rankgrpo.distributed import (clip_grad_norm, close_world, grad_sync, inference_model, init_world,
-                                  resume_training, save_final_weights, save_training_checkpoint, wrap_model)
+from rankgrpo.distributed import (clip_grad_norm, grad_sync, inference_model, resume_training, run_in_world,
+                                  save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.losses import sft_loss
 from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, collate_right_padded,
@@ -97,11 +97,7 @@ def main(argv=None) -> int:
 
 def run(cfg) -> int:
     check_paths(train_data=cfg.train_data, val_data=cfg.val_data, catalog=cfg.catalog)
-    world = init_world(cfg.device, cfg.fsdp)
-    try:
-        return train(cfg, world)
-    finally:
-        close_world(world)
+    return run_in_world(train, cfg)
 
 
 def train(cfg, world) -> int:

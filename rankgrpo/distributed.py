@@ -144,6 +144,16 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
+def run_in_world(train, cfg) -> int:
+    """A trainer's entry: set up this process's world (a single process without torchrun), run
+    ``train(cfg, world)``, and tear the process group down however it ends."""
+    world = init_world(cfg.device, cfg.fsdp)
+    try:
+        return train(cfg, world)
+    finally:
+        close_world(world)
+
+
 # ----------------------------------------------------------------------------- per-prompt sampling RNG
 
 
