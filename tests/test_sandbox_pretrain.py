@@ -165,3 +165,34 @@ def test_building_leaves_the_global_rng_alone(tmp_path):
     torch.manual_seed(123)
     build_world(dataclasses.replace(TINY, pretrain_steps=3), tmp_path / "w")
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_chat_questions_are_catalog_answers_in_chatml_and_change_no_other_document(world_dir):
+    import re
+
+    from rankgrpo.sandbox.pretrain import chat_question
+    from rankgrpo.sandbox.world import rng_for
+
+    world = load_world(world_dir)
+    plain = knowledge_corpus(world, **CORPUS)
+    with_chat = knowledge_corpus(world, **CORPUS, chat_questions=50)
+    assert with_chat == knowledge_corpus(world, **CORPUS, chat_questions=50)  # deterministic
+    assert sorted(with_chat) == sorted(plain + [d for d in with_chat if d.startswith("<|im_start|>")])
+    rng = rng_for("pretrain-chat", 0)
+    docs = [d for d in (chat_question(world, rng) for _ in range(200)) if d]  # "" when nothing matches
+    names = {f"{it.title} ({it.year})": it for it in world.catalog}
+    directed = 0
+    for doc in docs:
+        m = re.fullmatch(r"<\|im_start\|>user\n(.+)<\|im_end\|>\n<\|im_start\|>assistant\n(.+)<\|im_end\|>", doc,
+                         flags=re.S)
+        assert m, doc
+        question, lines = m.group(1), m.group(2).split("\n")
+        assert 1 <= len(lines) <= 20 and len(set(lines)) == len(lines)
+        assert all(line in names for line in lines)  # every answer line is a catalog film
+        who = re.fullmatch(r"(?:Which films did (.+) direct\?|List the films of (.+)\.|What has (.+) directed\?)",
+                           question)
+        if who:
+            director = next(g for g in who.groups() if g)
+            assert {names[x].meta["director"] for x in lines} == {director}
+            directed += 1
+    assert directed > 0

@@ -109,7 +109,10 @@ def build_world(cfg: SandboxConfig | None = None, out_dir: str | Path = "sandbox
     if cfg.build_model:
         from rankgrpo.sandbox.model import build_base_model, build_tokenizer, save_base_model
 
-        tokenizer = build_tokenizer(tokenizer_corpus(world, split_rows), cfg.vocab_size, cfg.max_position_embeddings)
+        named = cfg.title_tokens
+        tokenizer = build_tokenizer(tokenizer_corpus(world, split_rows), cfg.vocab_size, cfg.max_position_embeddings,
+                                    titles=[it.title for it in world.catalog] if named else (),
+                                    years=[it.year for it in world.catalog] if named else ())
         model = build_base_model(tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                                  num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                                  intermediate_size=cfg.intermediate_size,
@@ -122,7 +125,8 @@ def build_world(cfg: SandboxConfig | None = None, out_dir: str | Path = "sandbox
                 model, tokenizer, world, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                 batch_size=cfg.pretrain_batch_size, seq_len=cfg.pretrain_seq_len,
                 fact_renderings=cfg.pretrain_fact_renderings, co_preference_sentences=cfg.pretrain_co_preference,
-                lists=cfg.pretrain_catalog_lists, seed=cfg.seed, progress=verbose)
+                lists=cfg.pretrain_catalog_lists, chat_questions=cfg.pretrain_chat_questions, seed=cfg.seed,
+                progress=verbose)
             if verbose:
                 r = pretrain_record
                 print(f"knowledge pretraining: {r['steps']} steps, {r['tokens_seen']} tokens "

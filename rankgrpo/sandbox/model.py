@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -30,12 +30,24 @@ SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 CHAT_TEMPLATE = CHATML_TEMPLATE
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 4096, model_max_length: int = 2048):
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 4096, model_max_length: int = 2048, *,
+                    titles: Sequence[str] = (), years: Sequence[int] = ()):
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it for ``transformers``.
 
     Any NFC string round-trips (``decode(encode(x)) == x``): bytes are the base alphabet, the
     only normalisation is Unicode NFC (as in Qwen2) and no space cleanup is applied. Padding
     is on the left; pad is ``<|endoftext|>``.
+
+    ``titles`` and ``years`` (the catalog's, with ``title_tokens``) become whole tokens: each
+    title one token, matched only as a whole word, and each ``" (YYYY)"`` one token, so a list
+    line costs three tokens and a title named in a conversation is the same token as in a list:
+
+        "Silent Haunting 2 (2007)\n"  ->  ["Silent Haunting 2", " (2007)", "\n"]
+        "I have seen Silent Haunting." ->  ["I", " have", " seen", " ", "Silent Haunting", "."]
+
+    The longest title wins where one title starts another ("Silent Haunting" vs "Silent
+    Haunting 2"). Text round-trips as before; offsets stay exact, so rank segmentation and the
+    catalog constraint work on these tokens unchanged.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -50,6 +62,11 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 4096, model_max_leng
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    if titles or years:
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(t, single_word=True, normalized=False) for t in sorted(set(titles))]
+                       + [AddedToken(f" ({int(y)})", normalized=False) for y in sorted(set(years))])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=IM_END, pad_token=PAD_TOKEN, padding_side="left",
         clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE, model_max_length=model_max_length,

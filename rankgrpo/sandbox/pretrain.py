@@ -133,16 +133,69 @@ def catalog_lists(world: World, top: int = 10) -> list[str]:
     return docs
 
 
+def chat_question(world: World, rng: np.random.Generator, max_items: int = 20) -> str:
+    """One chat turn of catalog questions and answers, the instruction tuning a chat LLM has: a
+    user asks for films by director, by genre (and decade) or by plot keyword, in the words users
+    use; the assistant answers from the catalog alone, one "Title (Year)" a line, most watched
+    first (a director's films by year), at most ``max_items`` lines. In ChatML, e.g.
+
+        <|im_start|>user
+        Which creepy films came out in the 80s?<|im_end|>
+        <|im_start|>assistant
+        The Cellar (1984)
+        Blood Ritual (1981)<|im_end|>
+
+    No taste and no conversation is involved: what it teaches is the answer format and the
+    catalog's public facts, not what any user would like."""
+    kind = int(rng.integers(3))
+    if kind == 0:
+        d = int(rng.integers(len(world.directors)))
+        members = np.flatnonzero(world.director_ids == d)
+        members = sorted(members, key=lambda i: (world.years[i], world.catalog[i].title))
+        name = world.directors[d]
+        question = _pick(rng, (f"Which films did {name} direct?", f"List the films of {name}.",
+                               f"What has {name} directed?"))
+    elif kind == 1:
+        j = int(rng.integers(len(V.GENRE_NAMES)))
+        g = V.GENRES[j]
+        words = _pick(rng, g.synonyms)
+        mask = world.genre_matrix[:, j] > 0
+        if rng.random() < 0.5:
+            decade = int(_pick(rng, sorted({int(y) // 10 * 10 for y in world.years})))
+            mask &= world.years // 10 * 10 == decade
+            question = _pick(rng, (f"Which {words} films came out in the {decade}s?",
+                                   f"List the most watched {words} films of the {decade % 100:02d}s."))
+        else:
+            question = _pick(rng, (f"What are the most watched {words} films?", f"List some {words} movies.",
+                                   f"Name popular {g.name.lower()} films."))
+        members = np.flatnonzero(mask)
+        members = members[np.argsort(-world.popularity[members], kind="stable")]
+    else:
+        k = int(rng.integers(len(V.KEYWORDS)))
+        members = np.flatnonzero(world.keyword_matrix[:, k] > 0)
+        members = members[np.argsort(-world.popularity[members], kind="stable")]
+        question = _pick(rng, (f"Which films feature {V.KEYWORDS[k]}?", f"Name some movies with {V.KEYWORDS[k]}."))
+    if len(members) == 0:
+        return ""
+    answer = "\n".join(_name(world, int(i)) for i in list(members)[:max_items])
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>"
+
+
 def knowledge_corpus(world: World, *, fact_renderings: int, co_preference_sentences: int, lists: bool = False,
-                     seed: int = 0) -> list[str]:
+                     chat_questions: int = 0, seed: int = 0) -> list[str]:
     """The pretraining documents in a fixed, shuffled order (deterministic from ``seed``):
-    ``fact_renderings`` fact paragraphs per film, ``co_preference_sentences`` sentences and,
-    with ``lists``, the ``catalog_lists`` (``fact_renderings`` copies)."""
+    ``fact_renderings`` fact paragraphs per film, ``co_preference_sentences`` sentences, with
+    ``lists`` the ``catalog_lists`` (``fact_renderings`` copies), and ``chat_questions`` chat
+    turns of ``chat_question`` (drawn from their own stream, so adding them changes no other
+    document)."""
     rng = rng_for("pretrain-corpus", seed)
     docs = [film_facts(world, i, rng) for _ in range(fact_renderings) for i in range(len(world.catalog))]
     docs += [s for s in (co_preference(world, rng) for _ in range(co_preference_sentences)) if s]
     if lists:
         docs += catalog_lists(world) * fact_renderings
+    if chat_questions:
+        chat_rng = rng_for("pretrain-chat", seed)
+        docs += [s for s in (chat_question(world, chat_rng) for _ in range(chat_questions)) if s]
     order = rng.permutation(len(docs))
     return [docs[j] for j in order]
 
@@ -178,7 +231,7 @@ def lm_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
 
 def pretrain_base_model(model, tokenizer, world: World, *, steps: int, lr: float, batch_size: int, seq_len: int,
                         fact_renderings: int, co_preference_sentences: int, lists: bool = False,
-                        seed: int = 0, progress: bool = False) -> dict:
+                        chat_questions: int = 0, seed: int = 0, progress: bool = False) -> dict:
     """Train ``model`` in place for ``steps`` AdamW steps of causal LM on ``knowledge_corpus``.
 
     Blocks are visited in a fresh permutation per epoch drawn from (seed, epoch). Learning rate:
@@ -186,7 +239,8 @@ def pretrain_base_model(model, tokenizer, world: World, *, steps: int, lr: float
     written to ``base_model/pretrain.json``: steps, tokens seen, corpus size, first/last training
     loss (the last is a mean of the last 10 steps), seconds."""
     docs = knowledge_corpus(world, fact_renderings=fact_renderings,
-                            co_preference_sentences=co_preference_sentences, lists=lists, seed=seed)
+                            co_preference_sentences=co_preference_sentences, lists=lists,
+                            chat_questions=chat_questions, seed=seed)
     blocks = pack(tokenizer, docs, seq_len)
     t0 = time.perf_counter()
     losses = []
