@@ -34,8 +34,8 @@ from rankgrpo.catalog import CatalogError, load_catalog
 from rankgrpo.config import ConfigError, arg, run_cli
 from rankgrpo.data import DataError, load_examples
 from rankgrpo.evaluation import load_predictions, score_examples
-from rankgrpo.io import atomic_write_json, atomic_write_jsonl
-from rankgrpo.metrics import format_table
+from rankgrpo.io import atomic_write_json, atomic_write_jsonl, read_jsonl_tolerant
+from rankgrpo.metrics import format_table, paired_difference
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _results_path(p: str) -> Path:
 
 
 def compare(cfg: EvaluateConfig) -> int:
-    rows, curves = {}, {}
+    rows, curves, per_example = {}, {}, {}
     for p in cfg.compare:
         path = _results_path(p)
         if not path.is_file():
@@ -123,7 +123,20 @@ def compare(cfg: EvaluateConfig) -> int:
         name = res.get("name", path.parent.name)
         rows[name] = res["results"]
         curves[name] = res["results"].get("rank_hit_rate", [])
+        if (path.parent / "examples.jsonl").is_file():
+            per_example[name] = {r["id"]: r for r in read_jsonl_tolerant(path.parent / "examples.jsonl")}
     print(format_table(rows))
+    names = list(rows)
+    pairs = [(a, b) for b, a in zip(names, names[1:]) if a in per_example and b in per_example]
+    if pairs:
+        print("paired differences on the same examples (each row minus the row above; mean ±standard error, "
+              "in standard errors):")
+        for a, b in pairs:
+            cells = []
+            for k in (5, 20):
+                d = paired_difference(per_example[a], per_example[b], f"ndcg@{k}")
+                cells.append(f"N@{k} {d['mean']:+.4f} ±{d['stderr']:.4f} ({d['z']:+.1f} SE)")
+            print(f"  {a} − {b}: " + ", ".join(cells))
     if cfg.plot:
         _plots(cfg, curves)
     return 0

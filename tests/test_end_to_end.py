@@ -38,6 +38,11 @@ def test_four_scripts_end_to_end(tmp_path):
         assert len(rows) == 10
     out = script("evaluate.py", "--compare", tmp_path / "eval" / "sft", tmp_path / "eval" / "rl")
     assert "sft " in out and "rl " in out
+    # the paired difference it prints is the mean of the per-example differences
+    rows = {n: {r["id"]: r for r in map(json.loads, (tmp_path / "eval" / n / "examples.jsonl").read_text().splitlines())}
+            for n in ("sft", "rl")}
+    diff = sum(rows["rl"][i]["ndcg@20"] - rows["sft"][i]["ndcg@20"] for i in rows["rl"]) / len(rows["rl"])
+    assert "rl − sft: N@5 " in out and f"N@20 {diff:+.4f} ±" in out
 
 
 def test_checkpoint_with_another_tokenizer_is_refused_before_work(tmp_path):

@@ -217,3 +217,15 @@ def test_format_parse_round_trip(pairs):
     items = parse_recommendations(text)
     assert [(i.title, i.year) for i in items] == pairs and all(i.exact for i in items)
     assert parse_recommendations(format_recommendations(items)) == items
+
+
+def test_paired_difference_by_hand():
+    from rankgrpo.metrics import paired_difference
+
+    a = {"x": {"m": 0.5}, "y": {"m": 0.2}, "z": {"m": 0.3}, "only_in_a": {"m": 9.0}}
+    b = {"x": {"m": 0.1}, "y": {"m": 0.2}, "z": {"m": 0.0}}
+    d = paired_difference(a, b, "m")  # differences 0.4, 0.0, 0.3 over the three shared ids
+    sd = ((0.4 - 0.7 / 3) ** 2 + (0.7 / 3) ** 2 + (0.3 - 0.7 / 3) ** 2) ** 0.5 / 2 ** 0.5
+    assert d["n"] == 3 and abs(d["mean"] - 0.7 / 3) < 1e-12
+    assert abs(d["stderr"] - sd / 3 ** 0.5) < 1e-12 and abs(d["z"] - d["mean"] / d["stderr"]) < 1e-12
+    assert paired_difference(b, b, "m") == {"mean": 0.0, "stderr": 0.0, "z": 0.0, "n": 3}

@@ -421,3 +421,17 @@ def test_bad_config_and_missing_world_are_reported(tmp_path):
         build_world(dataclasses.replace(SMALL, n_films=10), tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="not a sandbox world"):
         load_world(tmp_path)
+
+
+def test_baseline_command_writes_lists_that_evaluate_scores_as_calibrate_does(tmp_path, world_dir, world):
+    """`python -m rankgrpo.sandbox baseline` + `evaluate.py --predictions` give calibrate's numbers."""
+    from rankgrpo.evaluation import load_predictions, score_examples
+
+    res = calibrate(world, split="test", limit=None)
+    examples = load_examples(world_dir / "test.jsonl")
+    for kind, key in (("popularity", "popularity"), ("oracle", "oracle"), ("teacher", "teacher (raw)")):
+        path = tmp_path / f"{kind}.jsonl"
+        sandbox_main(["baseline", "--world", str(world_dir), "--kind", kind, "--out", str(path)])
+        agg, _ = score_examples(examples, load_predictions(str(path), examples), world.catalog)
+        assert agg["ndcg@20"]["mean"] == pytest.approx(res[key]["ndcg@20"]["mean"], abs=1e-12), kind
+        assert agg["recall@5"]["mean"] == pytest.approx(res[key]["recall@5"]["mean"], abs=1e-12), kind

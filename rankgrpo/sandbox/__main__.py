@@ -4,6 +4,9 @@
     python -m rankgrpo.sandbox --out DIR --calibrate                   build, then calibrate
     python -m rankgrpo.sandbox --out DIR --pretrain-steps 300          a base model that knows its films
     python -m rankgrpo.sandbox calibrate --world DIR [--ooc-rate ...]   calibrate (every TeacherConfig field)
+    python -m rankgrpo.sandbox baseline --world DIR --kind popularity --out FILE
+                                                                      a baseline's lists as predictions JSONL,
+                                                                      for evaluate.py --predictions FILE
 """
 from __future__ import annotations
 
@@ -32,6 +35,20 @@ class CalibrateCommand(TeacherConfig):
     limit: int = arg(0, "Score only the first LIMIT samples (0: all).")
 
 
+@dataclass
+class BaselineCommand(TeacherConfig):
+    """Write a baseline's lists for every sample of a split as predictions JSONL ({"id", "completion"}),
+    so that `evaluate.py --predictions FILE` scores them exactly as it scores a model."""
+
+    world: str = arg("sandbox_world", "Directory of a world written by `python -m rankgrpo.sandbox --out DIR`.")
+    split: str = arg("test", "Split to write lists for.", choices=("train", "validation", "test"))
+    kind: str = arg("popularity", "'popularity': the most popular unseen films; 'teacher': the raw simulated "
+                                  "teacher (its TeacherConfig fields apply); 'oracle': the latent relevance "
+                                  "ranking.", choices=("popularity", "teacher", "oracle"))
+    n_items: int = arg(20, "List length.", min=1)
+    out: str = arg("baseline.jsonl", "Predictions JSONL to write (atomically).")
+
+
 def _only(cls, cfg):
     return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
@@ -53,6 +70,20 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "calibrate":
         cmd = parse_config(CalibrateCommand, argv[1:])
         _calibrate(cmd.world, _only(TeacherConfig, cmd), cmd.split, cmd.limit)
+        return
+    if argv and argv[0] == "baseline":
+        cmd = parse_config(BaselineCommand, argv[1:])
+        from rankgrpo.sandbox.baselines import baseline_predictions
+        from rankgrpo.sandbox.build import load_world
+        from rankgrpo.sandbox.teacher import SandboxTeacher
+
+        world = load_world(cmd.world)
+        teacher = SandboxTeacher(world, _only(TeacherConfig, cmd)) if cmd.kind == "teacher" else None
+        rows = baseline_predictions(world, cmd.kind, cmd.split, teacher=teacher, n_items=cmd.n_items)
+        from rankgrpo.io import atomic_write_jsonl
+
+        atomic_write_jsonl(cmd.out, rows)
+        print(f"{cmd.kind}: {len(rows)} lists for {cmd.split} in {cmd.out}")
         return
     cmd = parse_config(BuildCommand, argv)
     from rankgrpo.sandbox.build import build_world

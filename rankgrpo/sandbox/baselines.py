@@ -39,12 +39,14 @@ def oracle_baseline(world: World, example: Example | str, n: int = 20) -> list[t
 
 
 def calibrate(world: World, teacher: SandboxTeacher | None = None, split: str = "test", *,
-              limit: int | None = None, n_items: int = 20) -> dict[str, dict]:
+              limit: int | None = None, n_items: int = 20, per_example: bool = False):
     """Score popularity, the raw teacher and the oracle on ``split`` (``rankgrpo.metrics``,
-    the evaluation's shift view). Returns {run name: ``metrics.aggregate`` dict}."""
+    the evaluation's shift view). Returns {run name: ``metrics.aggregate`` dict}; with
+    ``per_example`` also {run name: {example id: score row}}, for paired differences."""
     teacher = teacher or SandboxTeacher(world)
     examples = world.examples(split)[:limit]
     rows: dict[str, list[dict]] = {"popularity": [], "teacher (raw)": [], "oracle": []}
+    by_id: dict[str, dict[str, dict]] = {name: {} for name in rows}
     teacher_cache: dict[str, str] = {}  # one generation per unique prompt, as the evaluation does
     for ex in examples:
         lists = {
@@ -53,9 +55,32 @@ def calibrate(world: World, teacher: SandboxTeacher | None = None, split: str = 
             "oracle": format_recommendations(oracle_baseline(world, ex, n_items)),
         }
         for name, text in lists.items():
-            rows[name].append(score_completion(parse_recommendations(text), ex.groundtruth, ex.seen_titles,
-                                               world.catalog, n_items=n_items))
-    return {name: aggregate(r) for name, r in rows.items()}
+            row = score_completion(parse_recommendations(text), ex.groundtruth, ex.seen_titles, world.catalog,
+                                   n_items=n_items)
+            rows[name].append(row)
+            by_id[name][ex.id] = row
+    results = {name: aggregate(r) for name, r in rows.items()}
+    return (results, by_id) if per_example else results
+
+
+def baseline_predictions(world: World, kind: str, split: str = "test", *, teacher: SandboxTeacher | None = None,
+                         n_items: int = 20) -> list[dict]:
+    """[{"id", "completion"}] of one baseline ("popularity", "teacher" or "oracle") for every sample
+    of ``split``: the same lists ``calibrate`` scores, as predictions for ``evaluate.py``."""
+    if kind not in ("popularity", "teacher", "oracle"):
+        raise ValueError(f"kind must be popularity, teacher or oracle, got {kind!r}")
+    teacher = teacher or (SandboxTeacher(world) if kind == "teacher" else None)
+    cache: dict[str, str] = {}
+    rows = []
+    for ex in world.examples(split):
+        if kind == "popularity":
+            text = format_recommendations(popularity_baseline(world, ex.seen_titles, n_items))
+        elif kind == "oracle":
+            text = format_recommendations(oracle_baseline(world, ex, n_items))
+        else:
+            text = cache.setdefault(ex.prompt_text, teacher.chat(ex.messages))
+        rows.append({"id": ex.id, "completion": text})
+    return rows
 
 
 def calibration_report(results: dict[str, dict]) -> str:
