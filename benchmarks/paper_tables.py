@@ -31,6 +31,7 @@ unshared step is benchmarks/bench_rl_speed.py.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -64,6 +65,9 @@ class PaperTablesConfig:
     quick: bool = arg(False, "Smoke size (under 10 minutes on 2 cores): 40 SFT steps, 3 RL rounds, 100 test "
                              "conversations. Shows that every stage runs, not the paper's findings.")
     report_only: bool = arg(False, "Only rebuild the tables and figures from finished runs.")
+    figures: bool = arg(True, "Also draw the PNG figures. They need matplotlib (the 'plot' extra); that is "
+                              "checked before any work starts, and without it the run writes the tables only, "
+                              "with a warning.")
     jobs: int = arg(2, "Runs at once; each gets max(1, cpu_count // jobs) torch threads.")
     python: str = arg("", "Python interpreter that runs the four scripts (empty: the one running this).")
     # the world (the demo's: small enough that a 2.2M-parameter model learns its catalog in minutes)
@@ -72,33 +76,39 @@ class PaperTablesConfig:
     n_validation: int = arg(300, "Validation conversations.")
     n_test: int = arg(1000, "Test conversations (the tables).")
     world_seed: int = arg(0, "Seed of the sandbox world.")
+    title_tokens: bool = arg(True, "Sandbox tokenizer with one token per title and per year (a list line is "
+                                   "3 tokens; see SandboxConfig.title_tokens).")
+    pretrain_steps: int = arg(800, "Knowledge-pretraining steps of the base model (0: a random base model).")
+    pretrain_chat_questions: int = arg(8000, "Chat turns of catalog questions in the pretraining corpus.")
     # SFT (every SFT arm)
-    sft_steps: int = arg(300, "SFT optimiser steps (batch 16).")
+    sft_steps: int = arg(600, "SFT optimiser steps (batch 16; 600 steps are 1.6 epochs of 6,000 demonstrations).")
     sft_lr: float = arg(3e-3, "SFT peak learning rate.")
-    sft_eval_every: int = arg(100, "SFT validation (loss and greedy NDCG) every this many steps.")
+    sft_eval_every: int = arg(300, "SFT validation (loss and greedy NDCG) every this many steps.")
     # RL (every RL arm)
     rl_steps: int = arg(30, "Sampling rounds per RL arm (mu = 2 arms take 2 optimiser steps per round).")
     rl_lr: float = arg(3e-5, "RL learning rate (constant, as the paper's 0.5B schedule).")
     prompts_per_step: int = arg(8, "Prompts per round (x G completions).")
     group_size: int = arg(8, "G, completions per prompt (paper 8).")
     beta: float = arg(1e-3, "KL coefficient (paper 1e-3; the reference model is present).")
-    max_new_tokens: int = arg(220, "Completion budget (a 20-line sandbox list is about 190 tokens).")
+    max_new_tokens: int = arg(100, "Completion budget (a 20-line list is 60 tokens with title tokens, 3 a line; "
+                                   "the rest leaves room for overflow lines).")
     stop_after_lines: int = arg(21, "Stop a completion after this many lines (N + 1 still shows overflow).")
-    eval_every: int = arg(10, "Validation NDCG@20 (greedy) every this many rounds.")
-    val_examples: int = arg(200, "Validation conversations for the curves.")
+    eval_every: int = arg(15, "Validation NDCG@20 (greedy) every this many rounds.")
+    val_examples: int = arg(100, "Validation conversations for the curves.")
     seed: int = arg(3407, "Seed of every training run (the paper's).")
     arms: list[str] = arg([], "Only these RL arms (names as in the tables, e.g. on/rank_grpo_exp_inf); "
                               "empty: all.")
     sft_arms: list[str] = arg([], "Only these SFT arms of Table 2 (full, no_reflect, no_remap_reflect); full "
                                   "is always run, it is every RL arm's start. Empty: all.")
-    replicates: int = arg(1, "Extra training seeds (seed+1 .. seed+R) of the full-RRA SFT run and of the three "
-                             "on-policy RL arms (from the main SFT checkpoint): the run-to-run noise, which the "
-                             "standard errors over test conversations leave out. --quick sets 0.")
+    replicates: int = arg(2, "Extra training seeds (seed+1 .. seed+R): every SFT and RL run is trained again at "
+                             "each, the RL arms of seed S from the SFT run of seed S. A claim is shown only if it "
+                             "holds at every seed. --quick sets 0.")
 
     def validate(self) -> None:
         if self.quick:
             self.n_train, self.n_validation, self.n_test = 1000, 40, 100
             self.sft_steps, self.sft_eval_every, self.rl_steps, self.eval_every, self.val_examples = 40, 40, 3, 3, 20
+            self.pretrain_steps, self.pretrain_chat_questions = min(self.pretrain_steps, 60), 1000
             self.replicates = 0
             self.out = self.out.rstrip("/") + "_quick"
             if self.results == RESULTS_DEFAULT:  # a smoke run never overwrites the committed report
@@ -151,18 +161,26 @@ def selected_sft(cfg: PaperTablesConfig) -> list[tuple[str, list[str], str]]:
     return [a for a in SFT_ARMS if not cfg.sft_arms or a[0] in cfg.sft_arms or a[0] == "full"]
 
 
+def seeds(cfg: PaperTablesConfig) -> list[int]:
+    """The training seeds of every run: seed, seed+1, .., seed+replicates."""
+    return [cfg.seed + i for i in range(cfg.replicates + 1)]
+
+
 def replicate_arms(cfg: PaperTablesConfig) -> list[Arm]:
-    """The on-policy arms again with seeds seed+1 .. seed+R, named ``seed{S}/on/...``; they start
-    from the main SFT checkpoint, so they measure the RL run's own seed noise."""
-    by_name = {a.name: a for a in selected_arms(cfg)}
-    return [replace(by_name[n], name=f"seed{cfg.seed + i}/{n}", seed_offset=i)
-            for i in range(1, cfg.replicates + 1) for n in REPLICATED_RL if n in by_name]
+    """Every selected RL arm again with seeds seed+1 .. seed+R, named ``seed{S}/<arm>``. A replicate
+    starts from the full-RRA SFT run of its own seed (R1-zero from the base model), so seed S is a
+    whole second pipeline after the demonstrations: SFT and RL both drawn anew."""
+    return [replace(a, name=f"seed{cfg.seed + i}/{a.name}", seed_offset=i,
+                    start=a.start if a.start == "world" else f"sft/seed{cfg.seed + i}/full")
+            for i in range(1, cfg.replicates + 1) for a in selected_arms(cfg)]
 
 
-def replicate_sft(cfg: PaperTablesConfig) -> list[tuple[str, int]]:
-    """(SFT run name under OUT/sft, seed offset) of the full-RRA SFT replicates (made whatever
-    --arms says: the SFT checkpoint is every arm's start)."""
-    return [(f"seed{cfg.seed + i}/full", i) for i in range(1, cfg.replicates + 1)]
+def replicate_sft(cfg: PaperTablesConfig) -> list[tuple[str, str, int]]:
+    """(SFT run name under OUT/sft, demonstrations it learns from, seed offset) of the SFT
+    replicates: every selected SFT arm at seeds seed+1 .. seed+R (full-RRA whatever --sft-arms
+    says: it is every RL replicate's start)."""
+    return [(f"seed{cfg.seed + i}/{name}", name, i) for i in range(1, cfg.replicates + 1)
+            for name, _, _ in selected_sft(cfg)]
 
 
 @dataclass
@@ -173,6 +191,7 @@ class Task:
     cmd: list[str]
     done: Path
     deps: list[str] = field(default_factory=list)
+    alone: bool = False  # nothing else can run beside it (everything depends on it): all cores
 
 
 def plan(cfg: PaperTablesConfig) -> list[Task]:
@@ -183,14 +202,17 @@ def plan(cfg: PaperTablesConfig) -> list[Task]:
                 val=str(world / "validation.jsonl"), test=str(world / "test.jsonl"))
     tasks = [Task("world", [py, "-m", "rankgrpo.sandbox", "--out", str(world), "--seed", str(cfg.world_seed),
                             "--n-films", str(cfg.n_films), "--n-train", str(cfg.n_train),
-                            "--n-validation", str(cfg.n_validation), "--n-test", str(cfg.n_test)],
-                  world / "base_model" / "config.json")]
+                            "--n-validation", str(cfg.n_validation), "--n-test", str(cfg.n_test),
+                            *(["--title-tokens"] if cfg.title_tokens else []),
+                            "--pretrain-steps", str(cfg.pretrain_steps),
+                            "--pretrain-chat-questions", str(cfg.pretrain_chat_questions)],
+                  world / "base_model" / "config.json", alone=True)]
     for name, flags, _ in selected_sft(cfg):
         demos = out / "demos" / name
         tasks.append(Task(f"demos/{name}", [py, "build_demos.py", "--world", str(world), "--out", str(demos),
                                             "--train-fraction", "1.0", "--report-train", "0", *flags],
                           demos / "train.jsonl", ["world"]))
-    sft_runs = [(name, name, 0) for name, _, _ in selected_sft(cfg)] + [(n, "full", i) for n, i in replicate_sft(cfg)]
+    sft_runs = [(name, name, 0) for name, _, _ in selected_sft(cfg)] + replicate_sft(cfg)
     for name, demos_name, offset in sft_runs:
         demos, run = out / "demos" / demos_name, out / "sft" / name
         tasks.append(Task(f"sft/{name}", [py, "train_sft.py", "--model", str(world / "base_model"),
@@ -238,7 +260,7 @@ def eval_targets(cfg: PaperTablesConfig) -> list[tuple[str, Path, str]]:
     targets += [(f"sft/{n}", out / "sft" / n / "final", f"sft/{n}") for n, _, _ in selected_sft(cfg)]
     targets.append(("base", out / "world" / "base_model", "world"))
     targets += [(f"rl/{a.name}", out / "rl" / a.name / "final", f"rl/{a.name}") for a in replicate_arms(cfg)]
-    targets += [(f"sft/{n}", out / "sft" / n / "final", f"sft/{n}") for n, _ in replicate_sft(cfg)]
+    targets += [(f"sft/{n}", out / "sft" / n / "final", f"sft/{n}") for n, _, _ in replicate_sft(cfg)]
     return targets
 
 
@@ -266,10 +288,12 @@ def run_tasks(tasks: list[Task], cfg: PaperTablesConfig) -> dict[str, float]:
                 if len(running) >= cfg.jobs:
                     break
                 if all(d in done for d in t.deps):
+                    n = max(threads, os.cpu_count() or 1) if t.alone else threads
+                    task_env = env | {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
                     log = open(out / "logs" / (t.name.replace("/", "_") + ".log"), "a")
                     log.write(f"$ {' '.join(t.cmd)}\n")
                     log.flush()
-                    running[t.name] = (subprocess.Popen(t.cmd, cwd=ROOT, env=env, stdout=log,
+                    running[t.name] = (subprocess.Popen(t.cmd, cwd=ROOT, env=task_env, stdout=log,
                                                         stderr=subprocess.STDOUT), time.time(), log)
                     pending.remove(t)
                     print(f"[{time.time() - t_begin:6.0f}s] start {t.name}", flush=True)
@@ -382,14 +406,18 @@ def delta_table(pairs: list[tuple[str, dict, dict]]) -> str:
     return "\n".join(lines)
 
 
-def baselines(out: Path, n_items: int = 20) -> list[tuple[str, dict]]:
-    """Popularity, the raw simulated teacher (the GPT-4o stand-in) and the oracle on the test split."""
+BASELINES = (("popularity", "popularity", "Popularity (traditional floor)"),
+             ("teacher", "teacher (raw)", "Simulated teacher, raw (GPT-4o stand-in)"),
+             ("oracle", "oracle", "Oracle (latent relevance, ceiling)"))
+
+
+def baselines(out: Path, n_items: int = 20) -> tuple[dict[str, dict], dict[str, dict[str, dict]]]:
+    """Popularity, the raw simulated teacher (the GPT-4o stand-in) and the oracle on the test split:
+    ({name: aggregate}, {name: {example id: score row}}), names as in ``BASELINES``."""
     from rankgrpo.sandbox import calibrate, load_world
 
-    res = calibrate(load_world(out / "world"), split="test", n_items=n_items)
-    return [("Popularity (traditional floor)", res["popularity"]),
-            ("Simulated teacher, raw (GPT-4o stand-in)", res["teacher (raw)"]),
-            ("Oracle (latent relevance, ceiling)", res["oracle"])]
+    res, rows = calibrate(load_world(out / "world"), split="test", n_items=n_items, per_example=True)
+    return ({name: res[key] for name, key, _ in BASELINES}, {name: rows[key] for name, key, _ in BASELINES})
 
 
 def list_shape(rows: dict[str, dict], n_items: int = 20) -> dict:
@@ -548,43 +576,103 @@ def plot_catalog(out: Path, arms: list[Arm], path: Path) -> Path:
 def at_seed(name: str, seed: int, cfg: PaperTablesConfig) -> str:
     """The evaluation name of run ``name`` (e.g. 'rl/on/grpo') trained with ``seed``:
     'rl/seed3408/on/grpo'; the main seed keeps the plain name."""
-    if seed == cfg.seed:
+    if seed == cfg.seed or not name.startswith(("sft/", "rl/")):
         return name
     kind, rest = name.split("/", 1)
     return f"{kind}/seed{seed}/{rest}"
 
 
 def noise_section(cfg: PaperTablesConfig, agg: dict, per: dict, label: dict) -> list[str]:
-    """Markdown: N@20 of each replicated run at every seed, and the on-policy comparisons seed by
-    seed (RL replicates start from the main SFT checkpoint). Empty without replicates."""
+    """Markdown: N@5 and N@20 of every trained run at every seed, their mean and spread, and the
+    ratio Rank-GRPO (exp∞) / GRPO at each seed. Empty without replicates."""
     if not cfg.replicates:
         return []
-    seeds = [cfg.seed + i for i in range(cfg.replicates + 1)]
-    sft = "sft/full"
-    md = ["## Run-to-run noise (training seeds)", "",
+    ss = seeds(cfg)
+    md = ["## Every run at every training seed", "",
           "The standard errors above are over test conversations for one trained model each; they leave out "
-          "how much a training run itself varies with its seed. Here the full-RRA SFT run and the three "
-          "on-policy arms are trained again with other seeds (the RL replicates start from the main SFT "
-          "checkpoint, so their spread is the RL run's own).", "",
-          "| run | " + " | ".join(f"N@20 seed {s}" for s in seeds) + " | spread (max − min) |",
-          "|---|" + "---|" * (len(seeds) + 1)]
-    replicated = {a.name for a in selected_arms(cfg)} & set(REPLICATED_RL)
-    for name in [sft, *(f"rl/{n}" for n in REPLICATED_RL if n in replicated)]:
-        vals = [agg[at_seed(name, s, cfg)]["ndcg@20"]["mean"] for s in seeds]
-        md.append(f"| {label[name]} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {max(vals) - min(vals):.4f} |")
-    md += ["", "The on-policy comparisons seed by seed (paired N@20 differences on the test conversations):", "",
-           "| comparison | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    pairs = [("rl/on/rank_grpo_exp_inf", "rl/on/rank_grpo_log"), ("rl/on/rank_grpo_log", "rl/on/grpo"),
-             ("rl/on/rank_grpo_exp_inf", "rl/on/grpo"), ("rl/on/grpo", sft), ("rl/on/rank_grpo_exp_inf", sft)]
-    for a, b in pairs:
-        if not all(at_seed(n, s, cfg) in per for n in (a, b) for s in seeds):
-            continue
-        cells = [verdict(paired(per[at_seed(a, s, cfg)], per[b if b == sft else at_seed(b, s, cfg)], "ndcg@20"))
-                 for s in seeds]
-        md.append(f"| {label[a]} − {label[b]} | " + " | ".join(cells) + " |")
-    cells = ["–"] + [verdict(paired(per[at_seed(sft, s, cfg)], per[sft], "ndcg@20")) for s in seeds[1:]]
-    md.append(f"| {label[sft]}, other seed − seed {cfg.seed} (same demonstrations) | " + " | ".join(cells) + " |")
+          f"how much a training run varies with its seed. Every SFT and RL run is trained at {len(ss)} seeds "
+          "(world and demonstrations fixed; at seed S the RL arms start from the SFT run of seed S).", "",
+          "| run | " + " | ".join(f"N@20 seed {s}" for s in ss) + " | mean | spread (max − min) | "
+          + " | ".join(f"N@5 seed {s}" for s in ss) + " |",
+          "|---|" + "---|" * (2 * len(ss) + 2)]
+    names = [n for n in agg if n.startswith(("sft/", "rl/")) and "/seed" not in n
+             and all(at_seed(n, s, cfg) in agg for s in ss)]
+    for name in names:
+        v20 = [agg[at_seed(name, s, cfg)]["ndcg@20"]["mean"] for s in ss]
+        v5 = [agg[at_seed(name, s, cfg)]["ndcg@5"]["mean"] for s in ss]
+        md.append(f"| {label[name]} | " + " | ".join(f"{v:.4f}" for v in v20)
+                  + f" | {np.mean(v20):.4f} | {max(v20) - min(v20):.4f} | " + " | ".join(f"{v:.4f}" for v in v5) + " |")
+    pair = ("rl/on/rank_grpo_exp_inf", "rl/on/grpo")
+    if all(at_seed(n, s, cfg) in agg for n in pair for s in ss):
+        ratios = [agg[at_seed(pair[0], s, cfg)]["ndcg@20"]["mean"] / max(agg[at_seed(pair[1], s, cfg)]["ndcg@20"]["mean"], 1e-12)
+                  for s in ss]
+        md += ["", "On-policy N@20 ratio Rank-GRPO (exp∞) / GRPO at equal rounds (the paper's 0.5B model: "
+               "0.1079 / 0.0945 = 1.14): " + ", ".join(f"seed {s}: {r:.3f}" for s, r in zip(ss, ratios)) + "."]
     return md + [""]
+
+
+CLAIMS = (
+    # (claim, kind, a, b, k): kind "diff" is a - b > 0 on N@k; "grows" is "the N@k gain of a over
+    # b grows with k". Names are the main seed's; at seed S they map through at_seed.
+    ("SFT beats the popularity floor", "diff", "sft/full", "popularity", 20),
+    ("on-policy: SFT + Rank-GRPO (exp∞) > SFT", "diff", "rl/on/rank_grpo_exp_inf", "sft/full", 20),
+    ("on-policy: Rank-GRPO (exp∞) > Rank-GRPO (log)", "diff", "rl/on/rank_grpo_exp_inf", "rl/on/rank_grpo_log", 20),
+    ("on-policy: Rank-GRPO (log) > GRPO", "diff", "rl/on/rank_grpo_log", "rl/on/grpo", 20),
+    ("on-policy: Rank-GRPO (exp∞) > GRPO", "diff", "rl/on/rank_grpo_exp_inf", "rl/on/grpo", 20),
+    ("on-policy: GRPO > SFT", "diff", "rl/on/grpo", "sft/full", 20),
+    ("off-policy: Rank-GRPO (exp∞) > GRPO (μ=2)", "diff", "rl/off/rank_grpo_exp_inf", "rl/off/grpo", 20),
+    ("off-policy: Rank-GRPO (exp∞) > GSPO (μ=2)", "diff", "rl/off/rank_grpo_exp_inf", "rl/off/gspo", 20),
+    ("off-policy: Rank-GRPO (exp∞) > Rank-GRPO (log) (μ=2)", "diff", "rl/off/rank_grpo_exp_inf",
+     "rl/off/rank_grpo_log", 20),
+    ("gains over SFT grow with k (Rank-GRPO exp∞)", "grows", "rl/on/rank_grpo_exp_inf", "sft/full", 20),
+    ("gains over SFT grow with k (GRPO)", "grows", "rl/on/grpo", "sft/full", 20),
+    ("gains over GRPO grow with k (Rank-GRPO exp∞)", "grows", "rl/on/rank_grpo_exp_inf", "rl/on/grpo", 20),
+    ("the student passes its teacher at the head of the list (Rank-GRPO exp∞ > raw teacher, N@5)", "diff",
+     "rl/on/rank_grpo_exp_inf", "teacher", 5),
+    ("removing SFT hurts (SFT + Rank-GRPO > R1-zero)", "diff", "rl/on/rank_grpo_exp_inf",
+     "rl/r1zero/rank_grpo_exp_inf", 20),
+    ("R1-zero learns (R1-zero Rank-GRPO > base model zero-shot)", "diff", "rl/r1zero/rank_grpo_exp_inf", "base", 20),
+    ("full RRA SFT > remove remap-reflect", "diff", "sft/full", "sft/no_remap_reflect", 20),
+    ("full RRA SFT > remove reflect", "diff", "sft/full", "sft/no_reflect", 20),
+    ("off-policy lags on-policy at equal rounds (Rank-GRPO exp∞)", "diff", "rl/on/rank_grpo_exp_inf",
+     "rl/off/rank_grpo_exp_inf", 20),
+)
+
+
+def combine_verdicts(words: list[str]) -> str:
+    """One verdict over seeds from each seed's 'holds' / 'reversed' / 'not resolved' (or 'does
+    not hold'): shown only if it holds at every seed, refuted only if reversed (does not hold) at
+    every seed, else not shown with the count."""
+    n = len(words)
+    held = sum(w == "holds" for w in words)
+    if held == n:
+        return f"**shown** ({n}/{n} seeds)"
+    if all(w in ("reversed", "does not hold") for w in words):
+        return f"**refuted** ({n}/{n} seeds against)"
+    against = sum(w in ("reversed", "does not hold") for w in words)
+    return f"not shown (holds at {held}/{n}, against at {against}/{n})"
+
+
+def judge_claims(cfg: PaperTablesConfig, agg: dict, per: dict, label: dict) -> list[dict]:
+    """Every claim of ``CLAIMS`` whose runs exist at every seed: its verdict at each seed (paired
+    differences on the test conversations) and over seeds (``combine_verdicts``)."""
+    out = []
+    for claim, kind, a, b, k in CLAIMS:
+        names = [(at_seed(a, s, cfg), at_seed(b, s, cfg)) for s in seeds(cfg)]
+        if not all(x in per and y in per for x, y in names):
+            continue
+        cells, words = [], []
+        for x, y in names:
+            if kind == "diff":
+                text = verdict(paired(per[x], per[y], f"ndcg@{k}"))
+            else:
+                gains = [paired(per[x], per[y], f"ndcg@{j}")["mean"] for j in KS]
+                text = grows_with_k(gains, z_score(paired(per[x], per[y], f"ndcg@{k}"))) + ": " + " / ".join(
+                    f"{g:+.4f}" for g in gains)
+            cells.append(text)
+            words.append(next(w for w in ("holds", "reversed", "not resolved", "does not hold") if text.startswith(w)))
+        out.append({"claim": claim, "verdict": combine_verdicts(words), "per_seed": cells})
+    return out
 
 
 def build_report(cfg: PaperTablesConfig) -> str:
@@ -599,6 +687,10 @@ def build_report(cfg: PaperTablesConfig) -> str:
     per = {n: v[1] for n, v in ev.items()}
     label = {f"rl/{a.name}": a.label for a in arms} | {f"sft/{n}": lab for n, _, lab in SFT_ARMS}
     label["base"] = "Sandbox base model (zero-shot)"
+    base_agg, base_rows = baselines(out)
+    agg |= base_agg
+    per |= base_rows
+    label |= {name: lab for name, _, lab in BASELINES}
     label |= {f"rl/{a.name}": f"{a.label} [seed {cfg.seed + a.seed_offset}]" for a in replicate_arms(cfg)}
     label |= {f"sft/{n}": f"+ SFT (full RRA) [seed {cfg.seed + i}]" for n, i in replicate_sft(cfg)}
     sft = "sft/full"
@@ -616,7 +708,8 @@ def build_report(cfg: PaperTablesConfig) -> str:
           f"{cfg.max_new_tokens} tokens; training seed {cfg.seed}"
           + (f" (+{cfg.replicates} replicate seed(s))" if cfg.replicates else "") + ".", ""]
     md += ["## Table 1 analogue: on-policy RL (μ = 1)", "",
-           table(baselines(out) + rows(["base", sft, "rl/on/grpo", "rl/on/rank_grpo_log", "rl/on/rank_grpo_exp_inf"])),
+           table(rows(["popularity", "teacher", "oracle", "base", sft, "rl/on/grpo", "rl/on/rank_grpo_log",
+                       "rl/on/rank_grpo_exp_inf"])),
            ""]
     md += ["## Table 4 analogue: off-policy RL (μ = 2)", "",
            table(rows([sft, "rl/off/grpo", "rl/off/gspo", "rl/off/rank_grpo_log", "rl/off/rank_grpo_exp_inf"])), ""]
@@ -651,55 +744,26 @@ def build_report(cfg: PaperTablesConfig) -> str:
            f"{n_films} films), and the share of conversations given the single most common list.", "",
            "| run | valid lines (of 20) | distinct items per list | lists with a repeat | different lists | "
            "different items | most common list's share |", "|---|---|---|---|---|---|---|"]
-    shapes = {n: list_shape(per[n]) for n in per}
+    shapes = {n: list_shape(per[n]) for n in ev}
     md += [f"| {label[n]} | {s['valid_lines']:.1f} | {s['distinct_items']:.1f} | {s['lists_with_repeats']:.2f} | "
            f"{s['different_lists']} | {s['different_items']} | {s['top_list_share']:.2f} |"
            for n, s in shapes.items()] + [""]
     md += ["## Paired differences (same test conversations)", "",
            delta_table([(lab, per[a], per[b]) for lab, a, b in comparisons]), ""]
 
-    def d(a, b, k=20):
-        return paired(per[a], per[b], f"ndcg@{k}") if a in per and b in per else None
-
     md += noise_section(cfg, agg, per, label)
 
-    claims = []
-    chain = ["rl/on/rank_grpo_exp_inf", "rl/on/rank_grpo_log", "rl/on/grpo", sft]
-    for a, b in zip(chain, chain[1:]):
-        if d(a, b):
-            claims.append((f"on-policy N@20: {label[a]} > {label[b]}", verdict(d(a, b))))
-    for b in ["rl/off/grpo", "rl/off/gspo", "rl/off/rank_grpo_log"]:
-        if d("rl/off/rank_grpo_exp_inf", b):
-            claims.append((f"off-policy N@20: Rank-GRPO (exp∞) > {label[b]}", verdict(d("rl/off/rank_grpo_exp_inf", b))))
-    for a in ["rl/on/rank_grpo_exp_inf", "rl/on/grpo"]:
-        if d(a, sft):
-            gains = [d(a, sft, k)["mean"] for k in KS]
-            last = d(a, sft, 20)
-            rel = [g / agg[sft][f"ndcg@{k}"]["mean"] if agg[sft][f"ndcg@{k}"]["mean"] else float("nan")
-                   for g, k in zip(gains, KS)]
-            claims.append((f"gains grow with k ({label[a]} − SFT, N@5/10/15/20)",
-                           grows_with_k(gains, z_score(last)) + ": absolute "
-                           + " / ".join(f"{g:+.4f}" for g in gains) + "; relative "
-                           + " / ".join(f"{r:+.0%}" for r in rel)))
-    if d("rl/on/rank_grpo_exp_inf", "rl/on/grpo"):
-        gk = [d("rl/on/rank_grpo_exp_inf", "rl/on/grpo", k)["mean"] for k in KS]
-        last = d("rl/on/rank_grpo_exp_inf", "rl/on/grpo", 20)
-        claims.append(("gains over GRPO grow with k (Rank-GRPO exp∞ − GRPO, N@5/10/15/20)",
-                       grows_with_k(gk, z_score(last)) + ": "
-                       + " / ".join(f"{g:+.4f}" for g in gk)))
-    if d("rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf"):
-        claims.append(("removing SFT hurts (SFT + Rank-GRPO > R1-zero)",
-                       verdict(d("rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf"))))
-    for b in ["sft/no_remap_reflect", "sft/no_reflect"]:
-        if d(sft, b):
-            claims.append((f"full RRA SFT > {label[b]}", verdict(d(sft, b))))
-    if d("rl/on/rank_grpo_exp_inf", "rl/off/rank_grpo_exp_inf"):
-        claims.append(("off-policy lags on-policy at equal rounds (Rank-GRPO exp∞)",
-                       verdict(d("rl/on/rank_grpo_exp_inf", "rl/off/rank_grpo_exp_inf"))))
+    claims = judge_claims(cfg, agg, per, label)
+    n_seeds = len(seeds(cfg))
     md += ["## The paper's claims, mechanically", "",
-           "A verdict compares a paired difference in N@20 with its standard error: above +2 SE holds, below −2 SE "
-           "is reversed, otherwise not resolved at this size.", "",
-           "| claim | verdict |", "|---|---|"] + [f"| {c} | {v} |" for c, v in claims] + [""]
+           f"Each claim is a paired difference on the test conversations, judged at each of the {n_seeds} training "
+           "seed(s): above +2 SE it holds at that seed, below −2 SE it is reversed, otherwise it is not resolved. "
+           f"A claim is **shown** only where it holds at every seed, **refuted** only where it is reversed at every "
+           "seed; anything else is reported as not shown, with the seeds spelled out. At seed S every RL arm "
+           "starts from the SFT run of seed S.", "",
+           "| claim | verdict over seeds | " + " | ".join(f"seed {s}" for s in seeds(cfg)) + " |",
+           "|---|---|" + "---|" * n_seeds]
+    md += [f"| {c['claim']} | {c['verdict']} | " + " | ".join(c["per_seed"]) + " |" for c in claims] + [""]
 
     # training dynamics in numbers: validation start/end; the sampled lists' reward early vs late
     md += ["## Training dynamics per arm", "",
@@ -739,14 +803,17 @@ def build_report(cfg: PaperTablesConfig) -> str:
     md.append("")
 
     window = 1 if cfg.quick else 5
-    figs = [plot_rewards(out, arms, res_dir / "per_rank_reward.png", window),
+    if not cfg.figures:
+        md += ["(Figures not drawn: --no-figures, or matplotlib is not installed.)", ""]
+    figs = [] if not cfg.figures else [plot_rewards(out, arms, res_dir / "per_rank_reward.png", window),
             plot_validation(out, arms, res_dir / "val_ndcg20.png", tuple(replicate_arms(cfg))),
             plot_catalog(out, arms, res_dir / "val_in_catalog.png")]
     from rankgrpo.plots import plot_rank_hits
-    figs.append(plot_rank_hits({label[n]: agg[n]["rank_hit_rate"] for n in
-                                [sft, "rl/on/grpo", "rl/on/rank_grpo_exp_inf"] if n in agg},
-                               res_dir / "test_rank_hits.png"))
-    md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
+    if cfg.figures:
+        figs.append(plot_rank_hits({label[n]: agg[n]["rank_hit_rate"] for n in
+                                    [sft, "rl/on/grpo", "rl/on/rank_grpo_exp_inf"] if n in agg},
+                                   res_dir / "test_rank_hits.png"))
+        md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
     times_path = out / "stage_seconds.json"
     stage_times = json.loads(times_path.read_text()) if times_path.exists() else {}
     if stage_times:
@@ -760,13 +827,17 @@ def build_report(cfg: PaperTablesConfig) -> str:
     atomic_write_json(res_dir / "summary.json", {
         "config": vars(cfg), "results": {n: {k: v for k, v in a.items() if k != "rank_hit_rate"} | {
             "rank_hit_rate": a.get("rank_hit_rate")} for n, a in agg.items()},
-        "claims": dict(claims), "list_shape": shapes, "step_breakdown": breakdown, "stage_seconds": stage_times})
+        "claims": claims, "list_shape": shapes, "step_breakdown": breakdown, "stage_seconds": stage_times})
     return text
 
 
 def main(argv=None) -> int:
     cfg = parse_config(PaperTablesConfig, argv)
     t0 = time.time()
+    if cfg.figures and importlib.util.find_spec("matplotlib") is None:  # checked before hours of work
+        print("warning: matplotlib is not installed, so this run writes the tables without figures "
+              "(pip install 'rankgrpo[plot]' for them)", file=sys.stderr)
+        cfg.figures = False
     if not cfg.report_only:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.out, "paper_tables_config.json")

@@ -51,7 +51,8 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
 
 def test_arms_filter_and_unknown_arm():
     tasks = pt.plan(_cfg("--arms", "on/grpo"))
-    assert [t.name for t in tasks if t.name.startswith("rl/")] == ["rl/on/grpo", "rl/seed3408/on/grpo"]
+    assert [t.name for t in tasks if t.name.startswith("rl/")] == ["rl/on/grpo", "rl/seed3408/on/grpo",
+                                                                   "rl/seed3409/on/grpo"]
     with pytest.raises(SystemExit, match="unknown arm"):
         pt.plan(_cfg("--arms", "on/ppo"))
     tasks = pt.plan(_cfg("--sft-arms", "no_reflect", "--arms", "on/grpo", "--replicates", "0"))
@@ -109,27 +110,74 @@ def test_step_breakdown_sums_policy_forward_over_the_rounds_optimiser_steps(tmp_
     assert b["total"] == pytest.approx(2.0 + 0.1 + 1.0 + 9.0) and b["samples_per_s"] == pytest.approx(64 / 12.1)
 
 
-def test_replicates_differ_only_in_seed_and_start_from_the_main_sft_checkpoint():
+def test_every_run_is_replicated_at_each_seed_and_rl_starts_from_the_sft_run_of_its_seed():
     tasks = {t.name: t for t in pt.plan(_cfg("--replicates", "2"))}
 
     def flag(t, f):
         return t.cmd[t.cmd.index(f) + 1]
 
     for seed in (3408, 3409):
-        for arm in pt.REPLICATED_RL:
-            rep, main = tasks[f"rl/seed{seed}/{arm}"], tasks[f"rl/{arm}"]
+        for arm in pt.RL_ARMS:
+            rep, main = tasks[f"rl/seed{seed}/{arm.name}"], tasks[f"rl/{arm.name}"]
             assert flag(rep, "--seed") == str(seed) and flag(main, "--seed") == "3407"
-            assert flag(rep, "--model") == flag(main, "--model") == str(Path("OUT/sft/full/final"))
-            assert flag(rep, "--out") == str(Path(f"OUT/rl/seed{seed}/{arm}"))
+            start = "OUT/world/base_model" if arm.start == "world" else f"OUT/sft/seed{seed}/full/final"
+            assert flag(rep, "--model") == str(Path(start))
+            assert flag(rep, "--out") == str(Path(f"OUT/rl/seed{seed}/{arm.name}"))
             differ = {i for i, (x, y) in enumerate(zip(rep.cmd, main.cmd)) if x != y}
-            assert {rep.cmd[i - 1] for i in differ} == {"--out", "--seed"}  # nothing else changes
-            assert f"eval/rl/seed{seed}/{arm}" in tasks
-        sft = tasks[f"sft/seed{seed}/full"]
-        assert flag(sft, "--train-data") == str(Path("OUT/demos/full/train.jsonl")) and flag(sft, "--seed") == str(seed)
-        assert f"eval/sft/seed{seed}/full" in tasks
+            assert {rep.cmd[i - 1] for i in differ} <= {"--out", "--seed", "--model"}  # nothing else changes
+            assert rep.deps == (["world"] if arm.start == "world" else [f"sft/seed{seed}/full"])
+            assert f"eval/rl/seed{seed}/{arm.name}" in tasks
+        for name, _, _ in pt.SFT_ARMS:
+            sft = tasks[f"sft/seed{seed}/{name}"]
+            assert flag(sft, "--train-data") == str(Path(f"OUT/demos/{name}/train.jsonl"))
+            assert flag(sft, "--seed") == str(seed)
+            assert f"eval/sft/seed{seed}/{name}" in tasks
+    assert len([n for n in tasks if n.startswith("eval/")]) == 3 * (8 + 3) + 1  # the base model once
     assert pt.at_seed("rl/on/grpo", 3408, _cfg()) == "rl/seed3408/on/grpo"
     assert pt.at_seed("sft/full", 3407, _cfg()) == "sft/full"
-    assert _cfg("--quick").replicates == 0
+    assert pt.at_seed("teacher", 3408, _cfg()) == "teacher"  # baselines are the same at every seed
+    assert _cfg("--quick").replicates == 0 and _cfg().replicates == 2
+
+
+@pytest.mark.parametrize("words,start", [(["holds"] * 3, "**shown**"), (["reversed"] * 3, "**refuted**"),
+                                         (["does not hold", "reversed", "does not hold"], "**refuted**"),
+                                         (["holds", "holds", "not resolved"], "not shown (holds at 2/3, against at 0/3)"),
+                                         (["holds", "reversed", "holds"], "not shown (holds at 2/3, against at 1/3)")])
+def test_a_claim_is_shown_only_when_every_seed_agrees(words, start):
+    assert pt.combine_verdicts(words).startswith(start)
+
+
+def test_judge_claims_pairs_each_seed_with_its_own_sft_run():
+    cfg = _cfg("--replicates", "1")
+    # two conversations; at seed 3407 exp_inf beats SFT by 0.2 and 0.1 (SE 0.05: 3 SE), at seed 3408 it
+    # loses on one and wins on the other (mean 0, not resolved)
+    def rows(a, b):
+        return {"a": {f"ndcg@{k}": a for k in pt.KS}, "b": {f"ndcg@{k}": b for k in pt.KS}}
+
+    per = {"sft/full": rows(0.1, 0.2), "rl/on/rank_grpo_exp_inf": rows(0.3, 0.3),
+           "sft/seed3408/full": rows(0.5, 0.0), "rl/seed3408/on/rank_grpo_exp_inf": rows(0.4, 0.1)}
+    claims = {c["claim"]: c for c in pt.judge_claims(cfg, {}, per, {})}
+    c = claims["on-policy: SFT + Rank-GRPO (exp∞) > SFT"]
+    assert c["per_seed"][0].startswith("holds (+0.1500, 3.0 SE)")
+    assert c["per_seed"][1].startswith("not resolved (+0.0000")
+    assert c["verdict"] == "not shown (holds at 1/2, against at 0/2)"
+    assert "on-policy: GRPO > SFT" not in claims  # claims whose runs are missing are left out
+    assert set(claims) == {"on-policy: SFT + Rank-GRPO (exp∞) > SFT", "gains over SFT grow with k (Rank-GRPO exp∞)"}
+
+
+def test_without_matplotlib_the_run_warns_before_any_work_and_writes_tables_only(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    seen = {}
+    monkeypatch.setattr(pt, "run_tasks", lambda tasks, cfg: seen.setdefault("figures", cfg.figures))
+    monkeypatch.setattr(pt, "build_report", lambda cfg: "report")
+    monkeypatch.setattr(pt, "save_config", lambda *a, **k: None)
+    monkeypatch.setattr(pt.Path, "mkdir", lambda *a, **k: None)
+    assert pt.main(["--out", "OUT", "--quick"]) == 0
+    assert seen == {"figures": False}
+    assert "matplotlib is not installed" in capsys.readouterr().err
 
 
 def test_stage_seconds_survive_across_invocations(tmp_path):
@@ -149,25 +197,22 @@ def test_list_shape_by_hand():
     assert (s["different_lists"], s["different_items"]) == (2, 3) and s["top_list_share"] == pytest.approx(2 / 3)
 
 
-def test_noise_section_reads_every_replicate_at_every_seed():
-    """Synthetic evaluations: run r at seed s scores ndcg@20 = base[r] + (s - 3407) / 100 on
-    average, over three conversations spread by ±delta (delta differs per run and seed, so the
-    paired differences have a non-zero standard error but keep their exact means)."""
+def test_noise_section_reads_every_run_at_every_seed():
+    """Synthetic aggregates: run r at seed s scores N@20 = base[r] + (s - 3407) / 100 and N@5 half of it."""
     cfg = _cfg("--replicates", "1")
     base = {"sft/full": 0.10, "rl/on/grpo": 0.20, "rl/on/rank_grpo_log": 0.30, "rl/on/rank_grpo_exp_inf": 0.40}
-    per, agg = {}, {}
-    for i, (name, b) in enumerate(base.items()):
+    agg = {}
+    for name, b in base.items():
         for seed in (3407, 3408):
-            v, delta = b + (seed - 3407) / 100, 0.001 * (i + 1) + 0.0005 * (seed - 3407)
-            per[pt.at_seed(name, seed, cfg)] = {c: {"ndcg@20": v + (c - 1) * delta} for c in range(3)}
-            agg[pt.at_seed(name, seed, cfg)] = {"ndcg@20": {"mean": v}}
-    label = {n: n for n in per}
-    md = pt.noise_section(cfg, agg, per, label)
-    for name, b in base.items():  # N@20 at seed 3407, at seed 3408, spread
-        assert f"| {name} | {b:.4f} | {b + 0.01:.4f} | 0.0100 |" in md
-    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in md if " − " in line}
-    # exp_inf − log is +0.10 at both seeds; GRPO − SFT +0.10; SFT seed 3408 − seed 3407 +0.01
-    assert [c[:14] for c in rows["rl/on/rank_grpo_exp_inf − rl/on/rank_grpo_log"]] == ["holds (+0.1000"] * 2
-    assert [c[:14] for c in rows["rl/on/grpo − sft/full"]] == ["holds (+0.1000", "holds (+0.1100"]
-    assert rows["sft/full, other seed − seed 3407 (same demonstrations)"][1].startswith("holds (+0.0100")
-    assert pt.noise_section(_cfg("--replicates", "0"), agg, per, label) == []
+            v = b + (seed - 3407) / 100
+            agg[pt.at_seed(name, seed, cfg)] = {"ndcg@20": {"mean": v}, "ndcg@5": {"mean": v / 2}}
+    agg["teacher"] = {"ndcg@20": {"mean": 0.3}, "ndcg@5": {"mean": 0.2}}  # a baseline is not a trained run
+    label = {n: n for n in agg}
+    md = pt.noise_section(cfg, agg, {}, label)
+    for name, b in base.items():  # N@20 at each seed, mean, spread, N@5 at each seed
+        assert (f"| {name} | {b:.4f} | {b + 0.01:.4f} | {b + 0.005:.4f} | 0.0100 | {b / 2:.4f} | "
+                f"{(b + 0.01) / 2:.4f} |") in md
+    assert not any(line.startswith("| teacher") for line in md)
+    ratio = next(line for line in md if line.startswith("On-policy N@20 ratio"))
+    assert f"seed 3407: {0.40 / 0.20:.3f}, seed 3408: {0.41 / 0.21:.3f}" in ratio
+    assert pt.noise_section(_cfg("--replicates", "0"), agg, {}, label) == []
