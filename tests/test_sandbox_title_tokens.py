@@ -91,3 +91,6 @@ def test_a_world_with_title_tokens_differs_only_in_its_tokenizer(tmp_path):
     assert len(tok) == len(AutoTokenizer.from_pretrained(tmp_path / "plain" / "base_model")) + len(
         {it.title for it in catalog}) + len({it.year for it in catalog})
     assert named.config.title_tokens and not plain.config.title_tokens
+    build_world(dataclasses.replace(small, title_tokens=True), tmp_path / "again")  # deterministic
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert (tmp_path / "named" / "base_model" / name).read_bytes() == (tmp_path / "again" / "base_model" / name).read_bytes()
