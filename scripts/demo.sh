@@ -39,7 +39,8 @@ $PY train_rankgrpo.py --model "$RUN/seed$SEED/sft/final" --data "$RUN/world/trai
 
 stamp "5/7 baselines on the test split: popularity and the raw simulated teacher"
 for kind in popularity teacher; do
-  $PY -m rankgrpo.sandbox baseline --world "$RUN/world" --kind $kind --out "$RUN/baselines/$kind.jsonl" > /dev/null
+  $PY -m rankgrpo.sandbox baseline --world "$RUN/world" --kind $kind --limit "$N_TEST" \
+      --out "$RUN/baselines/$kind.jsonl" > /dev/null
   $PY evaluate.py --predictions "$RUN/baselines/$kind.jsonl" --data "$RUN/world/test.jsonl" \
       --catalog "$RUN/world/catalog.jsonl" --name "$kind" --out "$RUN/eval/$kind" --limit "$N_TEST" > "$RUN/eval_$kind.log"
 done

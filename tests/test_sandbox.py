@@ -435,3 +435,7 @@ def test_baseline_command_writes_lists_that_evaluate_scores_as_calibrate_does(tm
         agg, _ = score_examples(examples, load_predictions(str(path), examples), world.catalog)
         assert agg["ndcg@20"]["mean"] == pytest.approx(res[key]["ndcg@20"]["mean"], abs=1e-12), kind
         assert agg["recall@5"]["mean"] == pytest.approx(res[key]["recall@5"]["mean"], abs=1e-12), kind
+    sandbox_main(["baseline", "--world", str(world_dir), "--kind", "popularity", "--limit", "3",
+                  "--out", str(tmp_path / "three.jsonl")])
+    rows = load_predictions(str(tmp_path / "three.jsonl"), examples[:3])
+    assert len((tmp_path / "three.jsonl").read_text().splitlines()) == 3 and len(rows) == 3

@@ -46,6 +46,7 @@ class BaselineCommand(TeacherConfig):
                                   "teacher (its TeacherConfig fields apply); 'oracle': the latent relevance "
                                   "ranking.", choices=("popularity", "teacher", "oracle"))
     n_items: int = arg(20, "List length.", min=1)
+    limit: int = arg(0, "Only the first LIMIT samples of the split, as `evaluate.py --limit` (0: all).", min=0)
     out: str = arg("baseline.jsonl", "Predictions JSONL to write (atomically).")
 
 
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
 
         world = load_world(cmd.world)
         teacher = SandboxTeacher(world, _only(TeacherConfig, cmd)) if cmd.kind == "teacher" else None
-        rows = baseline_predictions(world, cmd.kind, cmd.split, teacher=teacher, n_items=cmd.n_items)
+        rows = baseline_predictions(world, cmd.kind, cmd.split, teacher=teacher, n_items=cmd.n_items,
+                                    limit=cmd.limit or None)
         from rankgrpo.io import atomic_write_jsonl
 
         atomic_write_jsonl(cmd.out, rows)

@@ -64,15 +64,16 @@ def calibrate(world: World, teacher: SandboxTeacher | None = None, split: str = 
 
 
 def baseline_predictions(world: World, kind: str, split: str = "test", *, teacher: SandboxTeacher | None = None,
-                         n_items: int = 20) -> list[dict]:
-    """[{"id", "completion"}] of one baseline ("popularity", "teacher" or "oracle") for every sample
-    of ``split``: the same lists ``calibrate`` scores, as predictions for ``evaluate.py``."""
+                         n_items: int = 20, limit: int | None = None) -> list[dict]:
+    """[{"id", "completion"}] of one baseline ("popularity", "teacher" or "oracle") for the samples
+    of ``split`` (the first ``limit``, or all): the same lists ``calibrate`` scores, as predictions
+    for ``evaluate.py``."""
     if kind not in ("popularity", "teacher", "oracle"):
         raise ValueError(f"kind must be popularity, teacher or oracle, got {kind!r}")
     teacher = teacher or (SandboxTeacher(world) if kind == "teacher" else None)
     cache: dict[str, str] = {}
     rows = []
-    for ex in world.examples(split):
+    for ex in world.examples(split)[:limit]:
         if kind == "popularity":
             text = format_recommendations(popularity_baseline(world, ex.seen_titles, n_items))
         elif kind == "oracle":
