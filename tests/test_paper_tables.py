@@ -133,6 +133,10 @@ def test_every_run_is_replicated_at_each_seed_and_rl_starts_from_the_sft_run_of_
             assert flag(sft, "--seed") == str(seed)
             assert f"eval/sft/seed{seed}/{name}" in tasks
     assert len([n for n in tasks if n.startswith("eval/")]) == 3 * (8 + 3) + 1  # the base model once
+    core = {t.name for t in pt.plan(_cfg("--replicates", "2", "--replicate", "core"))}
+    assert {n for n in core if "seed3409" in n and n.startswith("rl/")} == {
+        f"rl/seed3409/{a.name}" for a in pt.RL_ARMS if a.mu == 1}
+    assert {n for n in core if "seed3409" in n and n.startswith("sft/")} == {"sft/seed3409/full"}
     assert pt.at_seed("rl/on/grpo", 3408, _cfg()) == "rl/seed3408/on/grpo"
     assert pt.at_seed("sft/full", 3407, _cfg()) == "sft/full"
     assert pt.at_seed("teacher", 3408, _cfg()) == "teacher"  # baselines are the same at every seed
@@ -162,6 +166,9 @@ def test_judge_claims_pairs_each_seed_with_its_own_sft_run():
     assert c["per_seed"][1].startswith("not resolved (+0.0000")
     assert c["verdict"] == "not shown (holds at 1/2, against at 0/2)"
     assert "on-policy: GRPO > SFT" not in claims  # claims whose runs are missing are left out
+    per |= {"rl/on/grpo": rows(0.2, 0.2)}  # run at the main seed only: reported, not judged
+    one = {c["claim"]: c for c in pt.judge_claims(cfg, {}, per, {})}["on-policy: GRPO > SFT"]
+    assert one["verdict"] == "not judged: 1 of 2 seeds run (not resolved at seed 3407)" and one["per_seed"][1] == "–"
     assert set(claims) == {"on-policy: SFT + Rank-GRPO (exp∞) > SFT", "gains over SFT grow with k (Rank-GRPO exp∞)"}
 
 
