@@ -35,6 +35,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -841,7 +842,12 @@ def build_report(cfg: PaperTablesConfig) -> str:
     return text
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run_tasks' finally, which stops the running stages
+
+
 def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `kill` would otherwise orphan the stages
     cfg = parse_config(PaperTablesConfig, argv)
     t0 = time.time()
     if cfg.figures and importlib.util.find_spec("matplotlib") is None:  # checked before hours of work

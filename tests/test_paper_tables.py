@@ -223,3 +223,34 @@ def test_noise_section_reads_every_run_at_every_seed():
     ratio = next(line for line in md if line.startswith("On-policy N@20 ratio"))
     assert f"seed 3407: {0.40 / 0.20:.3f}, seed 3408: {0.41 / 0.21:.3f}" in ratio
     assert pt.noise_section(_cfg("--replicates", "0"), agg, {}, label) == []
+
+
+def test_a_killed_run_stops_its_stages(tmp_path):
+    """SIGTERM to the scheduler terminates the running stages too (no orphan keeps writing)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    marker = tmp_path / "child.pid"
+    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('paper_tables', sys.argv[1]); "
+            "pt = importlib.util.module_from_spec(spec); sys.modules['paper_tables'] = pt; spec.loader.exec_module(pt); "
+            "import signal; signal.signal(signal.SIGTERM, pt._exit_on_sigterm); "
+            "cfg = pt.parse_config(pt.PaperTablesConfig, ['--out', sys.argv[2], '--jobs', '1']); "
+            "pt.run_tasks([pt.Task('sleep', [sys.executable, '-c', "
+            "'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)', sys.argv[3]], "
+            "pt.Path(sys.argv[2]) / 'never')], cfg)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "benchmarks" / "paper_tables.py"),
+                             str(tmp_path / "out"), str(marker)])
+    for _ in range(200):
+        if marker.exists() and marker.read_text():
+            break
+        time.sleep(0.05)
+    child = int(marker.read_text())
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):  # the stage is gone with its scheduler
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.1)
