@@ -111,7 +111,7 @@ def test_step_breakdown_sums_policy_forward_over_the_rounds_optimiser_steps(tmp_
 
 
 def test_every_run_is_replicated_at_each_seed_and_rl_starts_from_the_sft_run_of_its_seed():
-    tasks = {t.name: t for t in pt.plan(_cfg("--replicates", "2"))}
+    tasks = {t.name: t for t in pt.plan(_cfg("--replicates", "2", "--replicate", "all"))}
 
     def flag(t, f):
         return t.cmd[t.cmd.index(f) + 1]
@@ -133,7 +133,7 @@ def test_every_run_is_replicated_at_each_seed_and_rl_starts_from_the_sft_run_of_
             assert flag(sft, "--seed") == str(seed)
             assert f"eval/sft/seed{seed}/{name}" in tasks
     assert len([n for n in tasks if n.startswith("eval/")]) == 3 * (8 + 3) + 1  # the base model once
-    core = {t.name for t in pt.plan(_cfg("--replicates", "2", "--replicate", "core"))}
+    core = {t.name for t in pt.plan(_cfg("--replicates", "2"))}  # the default
     assert {n for n in core if "seed3409" in n and n.startswith("rl/")} == {
         f"rl/seed3409/{a.name}" for a in pt.RL_ARMS if a.mu == 1}
     assert {n for n in core if "seed3409" in n and n.startswith("sft/")} == {"sft/seed3409/full"}
