@@ -601,8 +601,11 @@ def noise_section(cfg: PaperTablesConfig, agg: dict, per: dict, label: dict) -> 
     ss = seeds(cfg)
     md = ["## Every run at every training seed", "",
           "The standard errors above are over test conversations for one trained model each; they leave out "
-          f"how much a training run varies with its seed. Every SFT and RL run is trained at {len(ss)} seeds "
-          "(world and demonstrations fixed; at seed S the RL arms start from the SFT run of seed S).", "",
+          "how much a training run varies with its seed. "
+          + ("Every SFT and RL run" if cfg.replicate == "all" else
+             "The full-RRA SFT run, the on-policy arms and R1-zero (--replicate core)")
+          + f" are trained at {len(ss)} seeds (world and demonstrations fixed; at seed S the RL arms start from "
+          "the SFT run of seed S).", "",
           "| run | " + " | ".join(f"N@20 seed {s}" for s in ss) + " | mean | spread (max − min) | "
           + " | ".join(f"N@5 seed {s}" for s in ss) + " |",
           "|---|" + "---|" * (2 * len(ss) + 2)]
@@ -708,7 +711,8 @@ def build_report(cfg: PaperTablesConfig) -> str:
     per |= base_rows
     label |= {name: lab for name, _, lab in BASELINES}
     label |= {f"rl/{a.name}": f"{a.label} [seed {cfg.seed + a.seed_offset}]" for a in replicate_arms(cfg)}
-    label |= {f"sft/{n}": f"+ SFT (full RRA) [seed {cfg.seed + i}]" for n, i in replicate_sft(cfg)}
+    sft_labels = {name: lab for name, _, lab in SFT_ARMS}
+    label |= {f"sft/{n}": f"{sft_labels[d]} [seed {cfg.seed + i}]" for n, d, i in replicate_sft(cfg)}
     sft = "sft/full"
 
     def rows(names):
