@@ -254,3 +254,45 @@ def test_a_killed_run_stops_its_stages(tmp_path):
         for _ in range(50):
             os.kill(child, 0)
             time.sleep(0.1)
+
+
+@pytest.mark.parametrize("replicate", ["core", "all"])
+def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch, replicate):
+    """The report from synthetic finished runs: every table, the claim at each seed, no figure."""
+    from rankgrpo.metrics import aggregate
+
+    cfg = _cfg("--out", str(tmp_path), "--results", str(tmp_path / "res"), "--replicate", replicate, "--no-figures")
+    ids = [f"c{i}" for i in range(4)]
+
+    def rows(level):  # run quality `level`, spread over the conversations so SEs are non-zero
+        out = []
+        for j, i in enumerate(ids):
+            v = level + 0.01 * j
+            out.append({"id": i, "completion": "Alpha (2001)\nBeta (2002)", "in_catalog": 1.0, "format_valid": 1.0,
+                        "n_items": 2, **{f"{m}@{k}": v for m in ("recall", "ndcg") for k in pt.KS},
+                        "rank_hits": [1] + [0] * 19})
+        return out
+
+    for n, (name, _, _) in enumerate(pt.eval_targets(cfg)):
+        d = tmp_path / "eval" / name
+        d.mkdir(parents=True)
+        r = rows(0.1 + 0.01 * n)
+        (d / "results.json").write_text(json.dumps({"results": aggregate(r)}))
+        (d / "examples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in r))
+    for name, _, _ in pt.SFT_ARMS:
+        (tmp_path / "demos" / name).mkdir(parents=True)
+        metrics = {"ndcg@20": {"mean": 0.5}, "recall@20": {"mean": 0.6}, "in_catalog": {"mean": 1.0}}
+        (tmp_path / "demos" / name / "report.json").write_text(json.dumps(
+            {"stages": ["raw", "adjust"], "demonstration_stage": "adjust",
+             "metrics": {"validation": {"adjust": metrics}}}))
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "catalog.jsonl").write_text("{}\n" * 200)
+    base = aggregate(rows(0.05))
+    monkeypatch.setattr(pt, "baselines", lambda out: (
+        {n: base for n, _, _ in pt.BASELINES}, {n: {r["id"]: r for r in rows(0.05)} for n, _, _ in pt.BASELINES}))
+    text = pt.build_report(cfg)
+    assert "## Every run at every training seed" in text and "SFT beats the popularity floor" in text
+    claim = next(line for line in text.splitlines() if line.startswith("| off-policy: Rank-GRPO (exp∞) > GRPO"))
+    assert ("not judged" in claim) == (replicate == "core")
+    assert "[seed 3409]" in text and "## Figures" not in text and "(Figures not drawn" in text
+    assert json.loads((tmp_path / "res" / "summary.json").read_text())["claims"]
