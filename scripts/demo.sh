@@ -57,6 +57,6 @@ for pair in "base (zero-shot):$RUN/world/base_model:base" "SFT:$RUN/seed$SEED/sf
 done
 
 stamp "7/7 results (test split, $N_TEST conversations, greedy, mean ±standard error; seed $SEED)"
-$PY evaluate.py --compare "$RUN/eval/popularity" "$RUN/eval/base" "$RUN/eval/seed$SEED/sft" "$RUN/eval/seed$SEED/rankgrpo"
+$PY evaluate.py --compare "$RUN/eval/base" "$RUN/eval/popularity" "$RUN/eval/seed$SEED/sft" "$RUN/eval/seed$SEED/rankgrpo"
 $PY evaluate.py --compare "$RUN/eval/teacher" "$RUN/eval/seed$SEED/rankgrpo" | tail -2
 stamp "done"
