@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from rankgrpo.config import arg, parse_config, save_config  # noqa: E402
 from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant  # noqa: E402
+from rankgrpo.metrics import paired_difference  # noqa: E402
 
 KS = (5, 10, 15, 20)
 RESULTS_DEFAULT = "benchmarks/results"
@@ -352,13 +353,10 @@ def load_eval(out: Path, name: str) -> tuple[dict, dict[str, dict]] | None:
 
 
 def paired(a: dict[str, dict], b: dict[str, dict], metric: str) -> dict:
-    """Paired difference a - b of a per-example metric over the shared examples: mean, standard
-    error of the mean difference, and how many examples got better / worse."""
-    ids = sorted(set(a) & set(b))
-    d = np.array([a[i][metric] - b[i][metric] for i in ids], dtype=float)
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"mean": float(d.mean()), "stderr": se, "better": int((d > 0).sum()), "worse": int((d < 0).sum()),
-            "n": len(d)}
+    """``rankgrpo.metrics.paired_difference`` (mean, standard error, z, n of a - b over the shared
+    examples) plus how many examples got better / worse."""
+    d = [a[i][metric] - b[i][metric] for i in set(a) & set(b)]
+    return paired_difference(a, b, metric) | {"better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
 
 
 def z_score(diff: dict) -> float:

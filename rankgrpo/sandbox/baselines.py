@@ -45,20 +45,13 @@ def calibrate(world: World, teacher: SandboxTeacher | None = None, split: str = 
     ``per_example`` also {run name: {example id: score row}}, for paired differences."""
     teacher = teacher or SandboxTeacher(world)
     examples = world.examples(split)[:limit]
-    rows: dict[str, list[dict]] = {"popularity": [], "teacher (raw)": [], "oracle": []}
-    by_id: dict[str, dict[str, dict]] = {name: {} for name in rows}
-    teacher_cache: dict[str, str] = {}  # one generation per unique prompt, as the evaluation does
-    for ex in examples:
-        lists = {
-            "popularity": format_recommendations(popularity_baseline(world, ex.seen_titles, n_items)),
-            "teacher (raw)": teacher_cache.setdefault(ex.prompt_text, teacher.chat(ex.messages)),
-            "oracle": format_recommendations(oracle_baseline(world, ex, n_items)),
-        }
-        for name, text in lists.items():
-            row = score_completion(parse_recommendations(text), ex.groundtruth, ex.seen_titles, world.catalog,
-                                   n_items=n_items)
-            rows[name].append(row)
-            by_id[name][ex.id] = row
+    rows: dict[str, list[dict]] = {}
+    by_id: dict[str, dict[str, dict]] = {}
+    for name, kind in (("popularity", "popularity"), ("teacher (raw)", "teacher"), ("oracle", "oracle")):
+        lists = baseline_predictions(world, kind, split, teacher=teacher, n_items=n_items, limit=limit)
+        rows[name] = [score_completion(parse_recommendations(p["completion"]), ex.groundtruth, ex.seen_titles,
+                                       world.catalog, n_items=n_items) for p, ex in zip(lists, examples)]
+        by_id[name] = {ex.id: row for ex, row in zip(examples, rows[name])}
     results = {name: aggregate(r) for name, r in rows.items()}
     return (results, by_id) if per_example else results
 
