@@ -209,6 +209,27 @@ def test_base_model_loads_with_identical_logits(world_dir, tokenizer):
         assert torch.equal(loaded(ids).logits, rebuilt(ids).logits)
 
 
+def test_an_untied_base_model_has_its_own_head_and_survives_save_and_load(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rankgrpo.sandbox.model import save_base_model
+
+    kw = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+              max_position_embeddings=256, seed=1)
+    tied = build_base_model(tokenizer, **kw)
+    untied = build_base_model(tokenizer, tie_embeddings=False, **kw)
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in tied.parameters()) + 32 * len(tokenizer)
+    save_base_model(tmp_path / "untied", tokenizer, untied)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "untied").eval()
+    assert not loaded.config.tie_word_embeddings
+    ids = torch.tensor([tokenizer.encode("USER: scary 80s movies?\nThe Haunting (1984)")])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, untied(ids).logits)
+
+
 # ----------------------------------------------------------------------------- the teacher
 
 

@@ -115,7 +115,7 @@ def build_world(cfg: SandboxConfig | None = None, out_dir: str | Path = "sandbox
                                     years=[it.year for it in world.catalog] if named else ())
         model = build_base_model(tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                                  num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                                 intermediate_size=cfg.intermediate_size,
+                                 intermediate_size=cfg.intermediate_size, tie_embeddings=cfg.tie_embeddings,
                                  max_position_embeddings=cfg.max_position_embeddings, seed=cfg.seed)
         pretrain_record = None
         if cfg.pretrain_steps:

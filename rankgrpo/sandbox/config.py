@@ -66,6 +66,10 @@ class SandboxConfig:
     num_kv_heads: int = arg(2, "Base model key/value heads (grouped-query attention).")
     intermediate_size: int = arg(512, "Base model MLP width.")
     max_position_embeddings: int = arg(2048, "Base model context length.")
+    tie_embeddings: bool = arg(True, "Tie the output head to the input embeddings (as Qwen2-0.5B does). "
+                                     "--no-tie-embeddings gives the head its own vocab x hidden matrix: more "
+                                     "parameters at the same compute, and a head free to score 'like the film "
+                                     "just listed' without scoring that film itself.")
 
     # ---- knowledge pretraining of the base model (rankgrpo/sandbox/pretrain.py)
     pretrain_steps: int = arg(0, "Causal-LM steps on text the world writes about its films (facts and "

@@ -76,8 +76,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 4096, model_max_leng
 
 def build_base_model(tokenizer, *, hidden_size: int = 192, num_layers: int = 4, num_heads: int = 4,
                      num_kv_heads: int = 2, intermediate_size: int = 512, max_position_embeddings: int = 2048,
-                     seed: int = 0):
-    """A randomly initialised ``Qwen2ForCausalLM`` sized for the tokenizer (tied embeddings, float32).
+                     tie_embeddings: bool = True, seed: int = 0):
+    """A randomly initialised ``Qwen2ForCausalLM`` sized for the tokenizer (float32; the output head
+    tied to the input embeddings unless ``tie_embeddings`` is False).
 
     Initialisation is seeded without touching the global torch RNG state."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -87,7 +88,7 @@ def build_base_model(tokenizer, *, hidden_size: int = 192, num_layers: int = 4, 
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=True, use_sliding_window=False,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_embeddings, use_sliding_window=False,
         bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
     )
     with torch.random.fork_rng(devices=[]):
