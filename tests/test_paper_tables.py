@@ -187,6 +187,25 @@ def test_without_matplotlib_the_run_warns_before_any_work_and_writes_tables_only
     assert "matplotlib is not installed" in capsys.readouterr().err
 
 
+def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    ran = []
+    monkeypatch.setattr(pt, "run_tasks", lambda tasks, cfg: ran.append(cfg.sft_steps))
+    monkeypatch.setattr(pt, "build_report", lambda cfg: "report")
+    argv = ["--out", str(out), "--no-figures", "--sft-steps", "100"]
+    assert pt.main(argv) == 0 and ran == [100]
+    # another selection of arms, jobs or replicates is fine: they choose runs, not their contents
+    assert pt.main(argv + ["--jobs", "1", "--arms", "on/grpo", "--replicates", "0"]) == 0 and ran == [100, 100]
+    with pytest.raises(SystemExit, match=r"other settings \(sft_steps: 100 -> 200\)"):
+        pt.main(["--out", str(out), "--no-figures", "--sft-steps", "200"])
+    with pytest.raises(SystemExit, match="rl_lr"):
+        pt.main(argv + ["--rl-lr", "1e-3"])
+    assert ran == [100, 100]
+    saved = json.loads((out / "paper_tables_config.json").read_text())
+    assert saved["sft_steps"] == 100  # the refused runs wrote nothing
+    assert pt.main(argv + ["--report-only"]) == 0  # reading a finished run is not a rerun
+
+
 def test_stage_seconds_survive_across_invocations(tmp_path):
     pt.record_seconds(tmp_path, "world", 10.04)
     pt.record_seconds(tmp_path, "sft/full", 600.0)
