@@ -736,11 +736,11 @@ def build_report(cfg: PaperTablesConfig) -> str:
     off = ["rl/off/grpo", "rl/off/gspo", "rl/off/rank_grpo_log", "rl/off/rank_grpo_exp_inf"]
     md += ["## Table 4 analogue: off-policy RL (μ = 2)", "",
            table(rows([sft] + off)) if any(n in agg for n in off) else "Not run (--arms left them out).", ""]
+    ablations = ["sft/no_remap_reflect", "sft/no_reflect"]
     md += ["## Table 2 analogue: ablations", "",
-           table(rows([sft, "sft/no_remap_reflect", "sft/no_reflect", "rl/on/rank_grpo_exp_inf",
-                       "rl/r1zero/rank_grpo_exp_inf"])), ""]
-    if not any(n in agg for n in ("sft/no_remap_reflect", "sft/no_reflect")):
-        md[-2:-1] = [md[-2], "", "(The RRA ablation SFT arms were not run: --sft-arms left them out.)"]
+           table(rows([sft] + ablations + ["rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf"])), ""]
+    if not any(n in agg for n in ablations):
+        md += ["(The RRA ablation SFT arms were not run: --sft-arms left them out.)", ""]
 
     md += ["Demonstrations each SFT arm learned from (validation split, `build_demos.py` report: the "
            "demonstration stage's lists scored directly):", "",
@@ -862,16 +862,16 @@ NOT_RESULT_FIELDS = frozenset({"out", "results", "report_only", "figures", "jobs
 
 
 def check_same_settings(cfg: PaperTablesConfig) -> None:
-    """Refuse to resume into an OUT whose finished stages were made with other settings: a stage
-    counts as done when its output exists, so a rerun with, say, another --sft-steps would
-    otherwise mix old and new runs in one report."""
+    """Refuse to resume into (or report on) an OUT whose finished stages were made with other
+    settings: a stage counts as done when its output exists, so a rerun with, say, another
+    --sft-steps would otherwise mix old and new runs in one report, and --report-only would print
+    settings the runs were not made with."""
     path = Path(cfg.out) / "paper_tables_config.json"
     if not path.exists():
         return
     old = json.loads(path.read_text(encoding="utf-8"))
     new = vars(cfg)
-    changed = sorted(k for k in new if k not in NOT_RESULT_FIELDS and k in old and old[k] != new[k])
-    changed += sorted(k for k in new if k not in NOT_RESULT_FIELDS and k not in old)
+    changed = sorted(k for k in new if k not in NOT_RESULT_FIELDS and (k not in old or old[k] != new[k]))
     if changed:
         diff = ", ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new[k]!r}" for k in changed)
         raise SystemExit(f"error: {cfg.out} holds runs made with other settings ({diff}); pass another --out, "
@@ -890,8 +890,8 @@ def main(argv=None) -> int:
         print("warning: matplotlib is not installed, so this run writes the tables without figures "
               "(pip install 'rankgrpo[plot]' for them)", file=sys.stderr)
         cfg.figures = False
+    check_same_settings(cfg)
     if not cfg.report_only:
-        check_same_settings(cfg)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.out, "paper_tables_config.json")
         run_tasks(plan(cfg), cfg)
