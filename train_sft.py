@@ -29,7 +29,7 @@ from rankgrpo.distributed import (clip_grad_norm, grad_sync, inference_model, re
                                   save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.losses import sft_loss
-from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, collate_right_padded,
+from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, collate_sft, sft_logits,
                                cosine_with_warmup, indices_for_step, run_script, start_from, tokenize_sft_split,
                                validate_generation)
 
@@ -69,6 +69,13 @@ class TrainSFTConfig(TrainerConfig):
     val_gen_examples: int = arg(64, "Validation examples for the greedy Recall/NDCG@20 check (0: off).", min=0)
     max_new_tokens: int = arg(200, "Greedy generation budget for validation.", min=1)
     n_items: int = arg(20, "List length N.", min=1)
+    share_prompt_prefix: bool = arg(True, "Run the prompt prefix that every row of a micro-batch shares (the paper's "
+                                          "fixed instruction) once per micro-batch instead of once per row, and the "
+                                          "output head on the completion columns only. The same loss and gradients "
+                                          "up to float rounding, for fewer tokens (sandbox: about 40% less time). "
+                                          "Not under --fsdp, where every row runs its whole prompt: FSDP2 gathers a "
+                                          "layer's weights for the backward pass through the layer's outputs, and "
+                                          "the gradient through the prefix's key/value cache bypasses them.")
     save_every: int = arg(100, "Checkpoint every this many steps and at the end (0: off; final/ is always "
                                "written).", min=0)
 
@@ -77,14 +84,14 @@ class TrainSFTConfig(TrainerConfig):
 
 
 @torch.no_grad()
-def validation_loss(model, samples, pad_id, device, batch_size, autocast) -> float:
+def validation_loss(model, samples, pad_id, device, batch_size, autocast, share_prefix) -> float:
     model.eval()
     total = count = 0.0
     for i in range(0, len(samples), batch_size):
-        ids, attn, labels = (t.to(device) for t in collate_right_padded(samples[i:i + batch_size], pad_id))
+        batch = collate_sft(samples[i:i + batch_size], pad_id, share_prefix).to(device)
         with autocast():
-            logits = model(input_ids=ids, attention_mask=attn).logits
-        loss, m = sft_loss(logits, labels, ids)
+            logits = sft_logits(model, batch)
+        loss, m = sft_loss(logits, batch.window_labels(), batch.window_ids())
         total += loss.item() * m["n_tokens"]
         count += m["n_tokens"]
     model.train()
@@ -128,6 +135,9 @@ def train(cfg, world) -> int:
         print(f"sft data: details in {cfg.out}/data_report.json")
 
     window = cfg.micro_batch_size * cfg.grad_accum
+    share_prefix = cfg.share_prompt_prefix and world.mode != "fsdp"
+    if cfg.share_prompt_prefix and not share_prefix and world.is_main:
+        print("sft: --share-prompt-prefix is off under --fsdp (see --help); every row runs its whole prompt")
     if len(train_samples) < window:
         raise SystemExit(f"error: {len(train_samples)} demonstrations, fewer than one batch of {window}")
     if window % world.size:
@@ -162,7 +172,7 @@ def train(cfg, world) -> int:
     def evaluate_now():  # every rank evaluates the whole validation set; rank 0 logs
         with inference_model(model) as m:
             row = {"step": step, "val_loss": validation_loss(m, val_samples, pad_id, cfg.device,
-                                                             cfg.micro_batch_size, autocast)}
+                                                             cfg.micro_batch_size, autocast, share_prefix)}
             if cfg.val_gen_examples > 0:
                 row.update(validate_generation(m, tokenizer, val[:cfg.val_gen_examples], catalog,
                                                max_new_tokens=cfg.max_new_tokens, n_items=cfg.n_items))
@@ -183,11 +193,11 @@ def train(cfg, world) -> int:
         optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros(())
         for j, mb in enumerate(micro):
-            ids, attn, labels = (t.to(cfg.device) for t in collate_right_padded(mb, pad_id))
+            batch = collate_sft(mb, pad_id, share_prefix).to(cfg.device)
             with grad_sync(model, j == len(micro) - 1):  # gradients summed over ranks once, at the end
                 with autocast():
-                    logits = model(input_ids=ids, attention_mask=attn).logits
-                loss, _ = sft_loss(logits, labels, ids, denom=window_tokens)
+                    logits = sft_logits(model, batch)
+                loss, _ = sft_loss(logits, batch.window_labels(), batch.window_ids(), denom=window_tokens)
                 loss.backward()
             total_loss += loss.detach().float().cpu()
         total_loss = world.all_reduce_sum(total_loss).cpu()

@@ -163,7 +163,7 @@ def newline_counts_from_tokenizer(tokenizer, vocab_size: int | None = None) -> t
     return torch.nn.functional.pad(table, (0, size - len(table)))
 
 
-def _supports_logits_to_keep(model) -> bool:
+def supports_logits_to_keep(model) -> bool:
     # a DistributedDataParallel wrapper forwards keyword arguments to the model in `.module`
     return _forward_accepts_logits_to_keep(type(getattr(model, "module", model)))
 
@@ -199,7 +199,7 @@ def _eval_mode(model):
 
 def _last_logits(model, **inputs) -> torch.Tensor:
     """float32 logits [N, V] of the last position (computing only that position when possible)."""
-    if _supports_logits_to_keep(model):
+    if supports_logits_to_keep(model):
         inputs["logits_to_keep"] = 1
     return model(**inputs).logits[:, -1].float()
 
@@ -687,7 +687,7 @@ def completion_logits(model, input_ids, attention_mask, completion_start: int) -
         position_ids=positions_from_mask(attention_mask),
         use_cache=False,
     )
-    if _supports_logits_to_keep(model):
+    if supports_logits_to_keep(model):
         return model(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
     return model(**kwargs).logits[:, completion_start - 1 : -1]
 

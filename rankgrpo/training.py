@@ -13,12 +13,14 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from rankgrpo.catalog import Catalog
 from rankgrpo.config import ConfigError, arg, flag_name, run_cli
 from rankgrpo.data import Example, chat_prompt_ids
 from rankgrpo.evaluation import score_examples
-from rankgrpo.sampling import sample
+from rankgrpo.distributed import unwrap
+from rankgrpo.sampling import cache_argument, sample, supports_logits_to_keep
 from rankgrpo.segment import decode_completion
 from rankgrpo.stopping import ItemLineCounter
 
@@ -178,6 +180,133 @@ def collate_right_padded(samples: Sequence[SFTSample], pad_token_id: int):
         attn[i, :n] = 1
         labels[i, :n] = torch.tensor(s.labels_mask)
     return ids, attn, labels
+
+
+def shared_prefix_length(samples: Sequence[SFTSample]) -> int:
+    """P: how many leading tokens every sample has in common, kept clear of the targets.
+
+    Every sample's tokens [0, P) are equal, and every sample's first target lies at index P + 1 or
+    later, so each target and the position whose logit predicts it are outside the prefix. With
+    the paper's prompt the P ~ 80 tokens of the fixed instruction are shared by every row.
+
+    >>> a = SFTSample([5, 6, 7, 8, 9], [False, False, False, True, True])
+    >>> b = SFTSample([5, 6, 1, 8, 9, 9], [False, False, False, False, True, True])
+    >>> shared_prefix_length([a, b])                 # [5, 6] in common
+    2
+    >>> shared_prefix_length([a, SFTSample([5, 6, 7, 1], [False, False, True, True])])  # target at 2
+    1
+    """
+    if not samples:
+        return 0
+    limit = min((s.labels_mask.index(True) if any(s.labels_mask) else len(s.input_ids)) for s in samples) - 1
+    first = samples[0].input_ids
+    n = 0
+    while n < limit and all(s.input_ids[n] == first[n] for s in samples):
+        n += 1
+    return max(n, 0)
+
+
+@dataclass
+class SFTBatch:
+    """A micro-batch for ``sft_logits``: the shared prompt prefix once, then each row's own tokens.
+
+    The rows after the prefix are **left**-padded, so every completion ends in the last column
+    and the logits that predict targets all lie in the last ``window`` columns. Masks and
+    positions come from lengths, never from token values:
+
+    prefix_ids: [P] (P = 0: nothing shared); input_ids: [B, L] the rows after the prefix;
+    attention_mask: [B, P + L], 1 on the prefix and on each row's own tokens; position_ids:
+    [B, L], P, P+1, ... over each row's tokens (pads get P; they are masked as keys and their
+    outputs are never read); labels_mask: [B, L]; window: W, the last W columns hold every
+    position whose logit predicts a target (column L - W is a prompt token in every row).
+
+    Example, prefix [5, 6] and rows [5, 6, 7, 8, 9] / [5, 6, 1, 8, 9, 9] (targets 8 9 / 9 9)::
+
+        input_ids      [[pad, 7, 8, 9],  [1, 8, 9, 9]]
+        position_ids   [[2,   2, 3, 4],  [2, 3, 4, 5]]
+        attention_mask [[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+        labels_mask    [[0, 0, 1, 1],    [0, 0, 1, 1]]        window 3
+    """
+
+    prefix_ids: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels_mask: torch.Tensor
+    window: int
+
+    def to(self, device) -> "SFTBatch":
+        return SFTBatch(self.prefix_ids.to(device), self.input_ids.to(device), self.attention_mask.to(device),
+                        self.position_ids.to(device), self.labels_mask.to(device), self.window)
+
+    def window_ids(self) -> torch.Tensor:
+        """input_ids of the last W columns: [B, W], aligned with ``sft_logits``'s output."""
+        return self.input_ids[:, self.input_ids.shape[1] - self.window:]
+
+    def window_labels(self) -> torch.Tensor:
+        """labels_mask of the last W columns: [B, W] (its first column is all 0)."""
+        return self.labels_mask[:, self.labels_mask.shape[1] - self.window:]
+
+
+def collate_sft(samples: Sequence[SFTSample], pad_token_id: int, share_prefix: bool = True) -> SFTBatch:
+    """Lay out ``samples`` as an ``SFTBatch``: the common prefix (``shared_prefix_length``) once
+    when ``share_prefix`` and there are two rows or more, the rest left-padded."""
+    if not samples:
+        raise ValueError("collate_sft: no samples")
+    p = shared_prefix_length(samples) if share_prefix and len(samples) > 1 else 0
+    rest = [s.input_ids[p:] for s in samples]
+    width = max(len(r) for r in rest)
+    b = len(samples)
+    ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((b, p + width), dtype=torch.long)
+    attn[:, :p] = 1
+    pos = torch.full((b, width), p, dtype=torch.long)
+    labels = torch.zeros((b, width), dtype=torch.bool)
+    first_target = width
+    for i, (s, r) in enumerate(zip(samples, rest)):
+        q = width - len(r)  # left pads of row i
+        ids[i, q:] = torch.tensor(r, dtype=torch.long)
+        attn[i, p + q:] = 1
+        pos[i, q:] = torch.arange(p, p + len(r))
+        labels[i, q:] = torch.tensor(s.labels_mask[p:], dtype=torch.bool)
+        if any(s.labels_mask[p:]):
+            first_target = min(first_target, q + s.labels_mask[p:].index(True))
+    window = width - max(first_target - 1, 0)
+    return SFTBatch(torch.tensor(samples[0].input_ids[:p], dtype=torch.long), ids, attn, pos, labels, window)
+
+
+def sft_logits(model, batch: SFTBatch) -> torch.Tensor:
+    """Logits of the last ``batch.window`` columns: [B, W, V], position j predicts window_ids()[:, j + 1].
+
+    With a shared prefix (P > 0) the prefix runs once, as a batch of one; its key/value cache
+    is broadcast to the B rows and the rows run after it. Gradients flow through the cache into
+    the prefix's computation, so loss and gradients equal those of B full rows up to float
+    rounding (tests/test_sft_batch.py), at the cost of P + B * L tokens instead of B * (P + L).
+    The head runs on the W columns only. ``model`` may be wrapped for data parallelism; the
+    prefix pass calls the module inside a DDP wrapper, whose gradient hooks see one backward.
+    """
+    inner = unwrap(model)
+    kwargs = {}
+    p = batch.prefix_ids.numel()
+    if p:
+        prefix_cache = DynamicCache(config=inner.config)
+        _call_model(inner, input_ids=batch.prefix_ids[None], use_cache=True, width=1,
+                    **cache_argument(inner, prefix_cache))
+        rows = batch.input_ids.shape[0]
+        cache = DynamicCache(config=inner.config)
+        for i, layer in enumerate(prefix_cache.layers):
+            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
+        kwargs = dict(use_cache=True, **cache_argument(inner, cache))
+    return _call_model(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, width=batch.window, **kwargs)
+
+
+def _call_model(model, *, width: int, **kwargs) -> torch.Tensor:
+    """model(**kwargs).logits of the last ``width`` positions (the head runs on those alone where
+    the model's forward takes ``logits_to_keep``)."""
+    if supports_logits_to_keep(model):
+        return model(logits_to_keep=width, **kwargs).logits
+    return model(**kwargs).logits[:, -width:]
 
 
 # ----------------------------------------------------------------------------- schedules
