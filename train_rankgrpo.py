@@ -97,6 +97,10 @@ class TrainRankGRPOConfig(TrainerConfig):
     year_tolerance: int = arg(2, "Year tolerance of the relevance match.", min=0)
     eval_every: int = arg(20, "Validation NDCG@20 (greedy) every this many steps and at the end (0: off).", min=0)
     val_examples: int = arg(64, "Validation examples for the periodic check.", min=1)
+    share_prompt_prefix: bool = arg(True, "In the log-prob passes (policy and reference), run the prompt prefix "
+                                          "that every row of a micro-batch shares (the paper's fixed instruction) "
+                                          "once instead of once per row. The same log-probs and gradients up to "
+                                          "float rounding, for fewer tokens. Not under --fsdp (see train_sft.py).")
     save_every: int = arg(20, "Checkpoint every this many steps and at the end (0: off; final/ is always "
                               "written).", min=0)
     compile: bool = arg(False, "Sample (rollouts and validation) with a static KV cache and a compiled "

@@ -126,6 +126,12 @@ class RLBatch:
         return self.constraints[j] if self.constraints else None
 
 
+def share_prefix(cfg, world: World) -> bool:
+    """Whether the log-prob passes run the rows' shared prompt prefix once (``--share-prompt-prefix``);
+    never under FSDP2, whose backward gathers a layer's weights only through the layer's outputs."""
+    return cfg.share_prompt_prefix and world.mode != "fsdp"
+
+
 def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Catalog, cfg, *,
                   reference=None, autocast: Callable = contextlib.nullcontext, world: World = World(),
                   constraint=None) -> RLBatch:
@@ -157,7 +163,8 @@ def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
             for j, rows in enumerate(micro):
                 ids, attn, start = rollout.model_inputs(rows)
                 ref_logp[j] = token_logprobs(reference, ids.to(dev), attn.to(dev), start, cfg.temperature,
-                                             constraint=constraints[j] if constraints else None).float()
+                                             constraint=constraints[j] if constraints else None,
+                                             share_prefix=share_prefix(cfg, world)).float()
     sync(dev)
     t2 = time.perf_counter()
     return RLBatch(rollout=rollout, scored=scored, rewards=rewards, adv=adv.to(dev), rank_ids=rank_ids, mask=mask,
@@ -187,7 +194,8 @@ def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int 
         with grad_sync(model, j == len(batch.micro) - 1):
             with autocast():
                 logp, ent = token_logprobs(model, ids.to(dev), attn.to(dev), start, cfg.temperature,
-                                           return_entropy=True, constraint=batch.constraint(j))
+                                           return_entropy=True, constraint=batch.constraint(j),
+                                           share_prefix=share_prefix(cfg, world))
             logp = logp.float()
             sync(dev)
             t_forward += time.perf_counter() - t0

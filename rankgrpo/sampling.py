@@ -131,8 +131,9 @@ class Rollout:
 def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device=None):
     """Left-pad token lists into (ids [N, L], mask [N, L] bool), L = the longest list.
 
-    >>> left_pad([[5, 6, 7], [8]], pad_token_id=0)
-    (tensor([[5, 6, 7], [0, 0, 8]]), tensor([[True, True, True], [False, False, True]]))
+    >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [0, 0, 8]], [[True, True, True], [False, False, True]])
     """
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     width = int(lengths.max()) if len(seqs) else 0
@@ -672,24 +673,88 @@ def entropy_from_logits(
     return out
 
 
-def completion_logits(model, input_ids, attention_mask, completion_start: int) -> torch.Tensor:
+def completion_logits(model, input_ids, attention_mask, completion_start: int, *,
+                      share_prefix: bool = False) -> torch.Tensor:
     """Logits that predict the completion tokens: [B, T, V] in the model's dtype, T = L - completion_start.
 
     Position completion_start - 1 + j predicts token completion_start + j. Only those T
     positions go through the LM head when the model accepts `logits_to_keep`.
+
+    ``share_prefix``: the prompt tokens that every row starts with (the paper's instruction)
+    run once, as a batch of one, and the rows run after them on a broadcast key/value cache
+    (`move_shared_prefix_left`, `shared_prefix_cache`): the same logits up to float rounding,
+    for fewer tokens. Gradients flow through the cache into the prefix's computation.
     """
     T = input_ids.shape[1] - completion_start
     if completion_start < 1 or T < 1:
         raise ValueError(f"completion_start={completion_start} must lie in [1, {input_ids.shape[1] - 1}]")
-    kwargs = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions_from_mask(attention_mask),
-        use_cache=False,
-    )
+    p = 0
+    if share_prefix and input_ids.shape[0] > 1:
+        p, input_ids, attention_mask = move_shared_prefix_left(input_ids, attention_mask, completion_start)
+    kwargs = dict(input_ids=input_ids[:, p:], attention_mask=attention_mask,
+                  position_ids=positions_from_mask(attention_mask)[:, p:], use_cache=False)
+    if p:
+        kwargs.update(use_cache=True, **cache_argument(model, shared_prefix_cache(model, input_ids[0, :p],
+                                                                                  input_ids.shape[0])))
     if supports_logits_to_keep(model):
         return model(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
-    return model(**kwargs).logits[:, completion_start - 1 : -1]
+    return model(**kwargs).logits[:, completion_start - 1 - p: -1]
+
+
+def move_shared_prefix_left(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int):
+    """(P, input_ids, attention_mask) with the prompt tokens every row starts with moved to columns [0, P).
+
+    Prompts are left-padded (`Rollout.model_inputs`), so a shared prefix starts at a different
+    column in each row. Each row's first P + pads columns are rotated so that its P prefix
+    tokens come first and its pads after them; every other column stays. Positions from the
+    mask (`positions_from_mask`) are unchanged for every real token, and so is the model's
+    output. P stops one token short of the shortest prompt, whose last token predicts the
+    first completion token.
+
+    >>> ids = torch.tensor([[5, 6, 7, 1, 2], [0, 5, 6, 3, 4]])   # prompts [5 6 7] and [5 6]
+    >>> mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    >>> p, ids2, mask2 = move_shared_prefix_left(ids, mask, 3)
+    >>> p, ids2.tolist(), mask2.tolist()
+    (1, [[5, 6, 7, 1, 2], [5, 0, 6, 3, 4]], [[1, 1, 1, 1, 1], [1, 0, 1, 1, 1]])
+    """
+    prompt_mask = attention_mask[:, :completion_start].bool()
+    pads = completion_start - prompt_mask.sum(1)                              # [B] left pads per row
+    shortest = int(completion_start - pads.max())
+    cols = torch.arange(completion_start, device=input_ids.device)
+    # row b's prompt token j sits at column pads[b] + j; compare every row's first tokens with row 0's
+    limit = max(shortest - 1, 0)
+    src = (pads[:, None] + cols[None, :limit]).clamp(max=completion_start - 1)  # [B, limit]
+    leading = input_ids[:, :completion_start].gather(1, src)
+    same = (leading == leading[:1]).all(0)
+    p = int(same.long().cumprod(0).sum()) if limit else 0
+    if p == 0:
+        return 0, input_ids, attention_mask
+    c = cols[None, :]
+    q = pads[:, None]
+    source = torch.where(c < p, c + q, torch.where(c < p + q, c - p, c))     # [B, P_width]
+    new_ids, new_mask = input_ids.clone(), attention_mask.clone()
+    new_ids[:, :completion_start] = input_ids[:, :completion_start].gather(1, source)
+    new_mask[:, :completion_start] = attention_mask[:, :completion_start].gather(1, source)
+    return p, new_ids, new_mask
+
+
+def shared_prefix_cache(model, prefix_ids: torch.Tensor, rows: int) -> DynamicCache:
+    """Key/value cache of ``prefix_ids`` ([P]) run as a batch of one, broadcast to ``rows`` rows.
+
+    The rows' own tokens then run on it (positions P, P+1, ...). Under autograd the cache
+    carries the prefix's graph, so one backward pass reaches the prefix's computation too.
+    ``model`` may be wrapped by DistributedDataParallel: the prefix runs on the inner module,
+    whose parameters' gradient hooks fire once per backward pass all the same. (Not under
+    FSDP2, which gathers a layer's weights for backward only through the layer's outputs.)
+    """
+    inner = getattr(model, "module", model)
+    one = DynamicCache(config=inner.config)
+    kwargs = {"logits_to_keep": 1} if supports_logits_to_keep(inner) else {}
+    inner(input_ids=prefix_ids[None], use_cache=True, **kwargs, **cache_argument(inner, one))
+    cache = DynamicCache(config=inner.config)
+    for i, layer in enumerate(one.layers):
+        cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
+    return cache
 
 
 def token_logprobs(
@@ -702,6 +767,7 @@ def token_logprobs(
     chunk_tokens: int = 1024,
     return_entropy: bool = False,
     constraint=None,
+    share_prefix: bool = False,
 ):
     """Teacher-forced log-probs of the completion tokens -> float32 [B, T], T = L - completion_start.
 
@@ -730,8 +796,10 @@ def token_logprobs(
     renormalised distribution that `sample(..., constraint=)` drew from: only the normaliser
     over each position's allowed ids is computed (`rankgrpo.constraint.constrained_logprobs`);
     the entropy is then that of the constrained distribution too. Outside the mask it gives 0.
+
+    ``share_prefix``: run the prompt prefix that every row shares once (`completion_logits`).
     """
-    logits = completion_logits(model, input_ids, attention_mask, completion_start)
+    logits = completion_logits(model, input_ids, attention_mask, completion_start, share_prefix=share_prefix)
     if constraint is not None:
         from rankgrpo.constraint import constrained_logprobs
 

@@ -13,14 +13,12 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
 
 from rankgrpo.catalog import Catalog
 from rankgrpo.config import ConfigError, arg, flag_name, run_cli
 from rankgrpo.data import Example, chat_prompt_ids
 from rankgrpo.evaluation import score_examples
-from rankgrpo.distributed import unwrap
-from rankgrpo.sampling import cache_argument, sample, supports_logits_to_keep
+from rankgrpo.sampling import cache_argument, sample, shared_prefix_cache, supports_logits_to_keep
 from rankgrpo.segment import decode_completion
 from rankgrpo.stopping import ItemLineCounter
 
@@ -281,22 +279,15 @@ def sft_logits(model, batch: SFTBatch) -> torch.Tensor:
     With a shared prefix (P > 0) the prefix runs once, as a batch of one; its key/value cache
     is broadcast to the B rows and the rows run after it. Gradients flow through the cache into
     the prefix's computation, so loss and gradients equal those of B full rows up to float
-    rounding (tests/test_sft_batch.py), at the cost of P + B * L tokens instead of B * (P + L).
+    rounding (tests/test_shared_prefix.py), at the cost of P + B * L tokens instead of B * (P + L).
     The head runs on the W columns only. ``model`` may be wrapped for data parallelism; the
     prefix pass calls the module inside a DDP wrapper, whose gradient hooks see one backward.
     """
-    inner = unwrap(model)
     kwargs = {}
     p = batch.prefix_ids.numel()
     if p:
-        prefix_cache = DynamicCache(config=inner.config)
-        _call_model(inner, input_ids=batch.prefix_ids[None], use_cache=True, width=1,
-                    **cache_argument(inner, prefix_cache))
-        rows = batch.input_ids.shape[0]
-        cache = DynamicCache(config=inner.config)
-        for i, layer in enumerate(prefix_cache.layers):
-            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
-        kwargs = dict(use_cache=True, **cache_argument(inner, cache))
+        cache = shared_prefix_cache(model, batch.prefix_ids, batch.input_ids.shape[0])
+        kwargs = dict(use_cache=True, **cache_argument(model, cache))
     return _call_model(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, width=batch.window, **kwargs)
 

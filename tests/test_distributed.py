@@ -125,7 +125,7 @@ def test_sft_two_processes_equal_one(world, tmp_path, mode):  # noqa: F811
     # 4 micro-batches of 2 in one process; the loss is divided by the global target-token count.
     # Under DDP every micro-batch runs its shared prompt prefix as a separate forward pass
     # (--share-prompt-prefix), which the gradient hooks must survive; FSDP2 runs whole rows, so the
-    # process it is held against does too (test_sft_batch.py proves the two layouts equal)
+    # process it is held against does too (test_shared_prefix.py proves the two layouts equal)
     args = lambda out: [*sft_args(world, out, 3), "--micro-batch-size", 2, "--grad-accum", 4]  # noqa: E731
     in_process("train_sft.py", *args(tmp_path / "one"), *(["--no-share-prompt-prefix"] if mode == "fsdp" else []))
     torchrun("train_sft.py", *args(tmp_path / "ddp"), *(["--fsdp"] if mode == "fsdp" else []))

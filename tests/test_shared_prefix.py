@@ -1,10 +1,12 @@
-"""The SFT micro-batch with its shared prompt prefix run once (``collate_sft`` + ``sft_logits``):
-the layout by hand, and the loss and every gradient equal to B full right-padded rows."""
+"""The prompt prefix that every row shares, run once: the SFT micro-batch (``collate_sft`` +
+``sft_logits``) and the RL log-prob passes (``token_logprobs(..., share_prefix=True)``). The layouts
+by hand, and the loss, log-probs and every gradient equal to those of whole rows."""
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rankgrpo.losses import sft_loss
+from rankgrpo.sampling import left_pad, move_shared_prefix_left, positions_from_mask, token_logprobs
 from rankgrpo.training import SFTSample, collate_right_padded, collate_sft, sft_logits, shared_prefix_length
 
 PAD = 0
@@ -82,3 +84,43 @@ def test_garbage_in_the_padding_changes_nothing():
     batch.position_ids[pads] = 77
     dirty = sft_loss(sft_logits(model, batch), batch.window_labels(), batch.window_ids())[0]
     assert dirty.item() == pytest.approx(clean.item(), rel=1e-6)
+
+
+def rollout_inputs(prefix, prompts, completions):
+    """(input_ids, attention_mask, completion_start) as ``Rollout.model_inputs`` lays them out."""
+    p_ids, p_mask = left_pad([prefix + t for t in prompts], PAD)
+    c_ids, c_mask = (torch.nn.utils.rnn.pad_sequence([torch.tensor(c) for c in cs], batch_first=True,
+                                                     padding_value=v) for cs, v in
+                     ((completions, PAD), ([[1] * len(c) for c in completions], 0)))
+    return torch.cat([p_ids, c_ids], 1), torch.cat([p_mask.long(), c_mask], 1), p_ids.shape[1]
+
+
+def test_move_shared_prefix_left_keeps_every_real_tokens_position():
+    ids, mask, start = rollout_inputs([5, 6, 7], [[9, 9], [], [4]], [[1, 2], [3], [2, 2, 2]])
+    p, ids2, mask2 = move_shared_prefix_left(ids, mask, start)
+    assert p == 2                                   # the shortest prompt [5 6 7] keeps its last token
+    assert (ids2[:, :2] == torch.tensor([5, 6])).all() and (mask2[:, :2] == 1).all()
+    for row in range(3):  # the same (position, token) pairs, only moved
+        before = {(int(q), int(t)) for q, t, m in zip(positions_from_mask(mask)[row], ids[row], mask[row]) if m}
+        after = {(int(q), int(t)) for q, t, m in zip(positions_from_mask(mask2)[row], ids2[row], mask2[row]) if m}
+        assert before == after
+    assert torch.equal(ids2[:, start:], ids[:, start:])
+    assert move_shared_prefix_left(*rollout_inputs([], [[5], [6]], [[1], [2]]))[0] == 0
+
+
+def test_token_logprobs_with_a_shared_prefix_equal_whole_rows_and_their_gradients():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(2)
+    rand = lambda n: torch.randint(1, 40, (n,), generator=g).tolist()  # noqa: E731
+    ids, mask, start = rollout_inputs(rand(8), [rand(n) for n in (2, 6, 0, 3)], [rand(n) for n in (5, 2, 7, 4)])
+    results = {}
+    for share in (False, True):
+        logp = token_logprobs(model, ids, mask, start, 0.7, share_prefix=share)
+        results[share] = loss_and_grads(model, (logp * mask[:, start:]).sum()), logp.detach()
+    (ref_loss, ref_grads), ref_logp = results[False]
+    (loss, grads), logp = results[True]
+    keep = mask[:, start:].bool()
+    torch.testing.assert_close(logp[keep], ref_logp[keep], rtol=1e-5, atol=1e-5)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6, msg=name)
