@@ -29,9 +29,9 @@ from rankgrpo.distributed import (clip_grad_norm, grad_sync, inference_model, re
                                   save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.losses import sft_loss
-from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, collate_sft, sft_logits,
-                               cosine_with_warmup, indices_for_step, run_script, start_from, tokenize_sft_split,
-                               validate_generation)
+from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, collate_sft, cosine_with_warmup,
+                               indices_for_step, run_script, sft_logits, share_prompt_prefix, start_from,
+                               tokenize_sft_split, validate_generation)
 
 PRESETS = {
     # the paper (App. C(iii)) for hub models: lr 5e-5, cosine, 5% warm-up, effective batch 384
@@ -72,7 +72,7 @@ class TrainSFTConfig(TrainerConfig):
     share_prompt_prefix: bool = arg(True, "Run the prompt prefix that every row of a micro-batch shares (the paper's "
                                           "fixed instruction) once per micro-batch instead of once per row, and the "
                                           "output head on the completion columns only. The same loss and gradients "
-                                          "up to float rounding, for fewer tokens (sandbox: about 40% less time). "
+                                          "up to float rounding, for fewer tokens (sandbox: 1.34x faster per step, benchmarks/bench_sft_step.py). "
                                           "Not under --fsdp, where every row runs its whole prompt: FSDP2 gathers a "
                                           "layer's weights for the backward pass through the layer's outputs, and "
                                           "the gradient through the prefix's key/value cache bypasses them.")
@@ -135,7 +135,7 @@ def train(cfg, world) -> int:
         print(f"sft data: details in {cfg.out}/data_report.json")
 
     window = cfg.micro_batch_size * cfg.grad_accum
-    share_prefix = cfg.share_prompt_prefix and world.mode != "fsdp"
+    share_prefix = share_prompt_prefix(cfg, world)
     if cfg.share_prompt_prefix and not share_prefix and world.is_main:
         print("sft: --share-prompt-prefix is off under --fsdp (see --help); every row runs its whole prompt")
     if len(train_samples) < window:

@@ -60,9 +60,8 @@ def main() -> None:
         tokens = batch.prefix_ids.numel() + int(batch.attention_mask[:, batch.prefix_ids.numel():].sum())
         return loss.item(), tokens
 
-    step(False, batches[0])  # warm-up, then both models restart from the same weights
+    step(False, batches[0])  # warm-up; each round below restarts both from the same weights
     step(True, batches[0])
-    models[True].load_state_dict(models[False].state_dict())
     optims = {share: torch.optim.AdamW(m.parameters(), lr=1e-4) for share, m in models.items()}
     times = {False: [], True: []}
     losses = {False: [], True: []}

@@ -29,6 +29,7 @@ from rankgrpo.losses import (eos_positions, grpo_loss, group_advantages, gspo_lo
 from rankgrpo.metrics import in_catalog_ratio
 from rankgrpo.parsing import parse_recommendations
 from rankgrpo.rewards import causal_returns, rank_relevance, sequence_dcg
+from rankgrpo.training import share_prompt_prefix
 from rankgrpo.sampling import Rollout, token_logprobs
 from rankgrpo.segment import decode_completion, token_ranks
 
@@ -126,12 +127,6 @@ class RLBatch:
         return self.constraints[j] if self.constraints else None
 
 
-def share_prefix(cfg, world: World) -> bool:
-    """Whether the log-prob passes run the rows' shared prompt prefix once (``--share-prompt-prefix``);
-    never under FSDP2, whose backward gathers a layer's weights only through the layer's outputs."""
-    return cfg.share_prompt_prefix and world.mode != "fsdp"
-
-
 def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Catalog, cfg, *,
                   reference=None, autocast: Callable = contextlib.nullcontext, world: World = World(),
                   constraint=None) -> RLBatch:
@@ -164,7 +159,7 @@ def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
                 ids, attn, start = rollout.model_inputs(rows)
                 ref_logp[j] = token_logprobs(reference, ids.to(dev), attn.to(dev), start, cfg.temperature,
                                              constraint=constraints[j] if constraints else None,
-                                             share_prefix=share_prefix(cfg, world)).float()
+                                             share_prefix=share_prompt_prefix(cfg, world)).float()
     sync(dev)
     t2 = time.perf_counter()
     return RLBatch(rollout=rollout, scored=scored, rewards=rewards, adv=adv.to(dev), rank_ids=rank_ids, mask=mask,
@@ -195,7 +190,7 @@ def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int 
             with autocast():
                 logp, ent = token_logprobs(model, ids.to(dev), attn.to(dev), start, cfg.temperature,
                                            return_entropy=True, constraint=batch.constraint(j),
-                                           share_prefix=share_prefix(cfg, world))
+                                           share_prefix=share_prompt_prefix(cfg, world))
             logp = logp.float()
             sync(dev)
             t_forward += time.perf_counter() - t0

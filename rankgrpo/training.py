@@ -180,6 +180,13 @@ def collate_right_padded(samples: Sequence[SFTSample], pad_token_id: int):
     return ids, attn, labels
 
 
+def share_prompt_prefix(cfg, world) -> bool:
+    """Whether a trainer's forward passes run the rows' shared prompt prefix once
+    (``--share-prompt-prefix``). Never under FSDP2, whose backward gathers a layer's weights only
+    through the layer's outputs, which the gradient through the prefix's cache bypasses."""
+    return cfg.share_prompt_prefix and world.mode != "fsdp"
+
+
 def shared_prefix_length(samples: Sequence[SFTSample]) -> int:
     """P: how many leading tokens every sample has in common, kept clear of the targets.
 
@@ -201,7 +208,7 @@ def shared_prefix_length(samples: Sequence[SFTSample]) -> int:
     n = 0
     while n < limit and all(s.input_ids[n] == first[n] for s in samples):
         n += 1
-    return max(n, 0)
+    return n
 
 
 @dataclass
