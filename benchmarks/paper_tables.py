@@ -18,6 +18,11 @@ same steps, lr and seed. Every run is trained at seeds seed .. seed+replicates (
 the extra seeds for the full SFT run, the on-policy arms and R1-zero only), and a claim is shown
 only where it holds at every seed.
 
+With --constrained-eval (the default) the full SFT run and the on-policy arms are also scored at
+every seed on greedy lists that cannot name a film twice (evaluate.py --constrained
+--no-exclude-seen). That is not the paper's protocol; it has its own section and "no repeats"
+claims, and shows what the repeats of a small model's greedy lists hide.
+
 Afterwards it writes, into --results: ``paper_tables.md`` (Table-1/2/4-style rows with standard
 errors, paired differences, every run at every seed, a verdict per claim of the paper at each seed
 and over seeds, the list shapes, the RL step-time breakdown), ``summary.json`` (every number), and
@@ -40,6 +45,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +123,11 @@ class PaperTablesConfig:
                                  "arms and R1-zero), or 'all' (every SFT and RL run; about 40% more compute). Claims "
                                  "on runs without replicates are reported at one seed and not judged.",
                          choices=("all", "core"))
+    constrained_eval: bool = arg(True, "Also score the full-RRA SFT run and the on-policy arms, at every seed, "
+                                       "with greedy lists that cannot repeat a film (evaluate.py --constrained "
+                                       "--no-exclude-seen; these students are already in catalog, so the ban "
+                                       "on repeats is the only change). Not the paper's protocol: its own "
+                                       "section and claims show what the repeats hide.")
 
     def validate(self) -> None:
         if self.quick:
@@ -166,6 +177,9 @@ SFT_ARMS = (
     ("no_remap_reflect", ["--no-remap-reflect"], "– remove remap-reflect"),
 )
 REPLICATED_RL = ("on/grpo", "on/rank_grpo_log", "on/rank_grpo_exp_inf")
+# The runs also scored with greedy lists that cannot repeat a film (--constrained-eval), at every seed.
+CONSTRAINED = "constrained/"  # their evaluation names: constrained/sft/full, constrained/rl/seed3408/on/grpo
+CONSTRAINED_RUNS = ("sft/full",) + tuple(f"rl/{a}" for a in REPLICATED_RL)
 
 
 def selected_sft(cfg: PaperTablesConfig) -> list[tuple[str, list[str], str]]:
@@ -257,7 +271,9 @@ def plan(cfg: PaperTablesConfig) -> list[Task]:
         tasks.append(Task(f"eval/{name}", [py, "evaluate.py", "--model", str(model), "--data", data["test"],
                                            "--catalog", data["catalog"], "--name", name,
                                            "--out", str(out / "eval" / name),
-                                           "--max-new-tokens", str(cfg.max_new_tokens)],
+                                           "--max-new-tokens", str(cfg.max_new_tokens),
+                                           *(["--constrained", "--no-exclude-seen"]
+                                             if name.startswith(CONSTRAINED) else [])],
                           out / "eval" / name / "results.json", [dep]))
     return tasks
 
@@ -270,14 +286,27 @@ def selected_arms(cfg: PaperTablesConfig) -> list[Arm]:
 
 
 def eval_targets(cfg: PaperTablesConfig) -> list[tuple[str, Path, str]]:
-    """(evaluation name, checkpoint, task it needs): RL arms first (they finish last)."""
+    """(evaluation name, checkpoint, task it needs): RL arms first (they finish last); with
+    ``constrained_eval`` the ``CONSTRAINED_RUNS`` at every seed again, decoded without repeats."""
     out = Path(cfg.out)
     targets = [(f"rl/{a.name}", out / "rl" / a.name / "final", f"rl/{a.name}") for a in selected_arms(cfg)]
     targets += [(f"sft/{n}", out / "sft" / n / "final", f"sft/{n}") for n, _, _ in selected_sft(cfg)]
     targets.append(("base", out / "world" / "base_model", "world"))
     targets += [(f"rl/{a.name}", out / "rl" / a.name / "final", f"rl/{a.name}") for a in replicate_arms(cfg)]
     targets += [(f"sft/{n}", out / "sft" / n / "final", f"sft/{n}") for n, _, _ in replicate_sft(cfg)]
+    if cfg.constrained_eval:
+        targets += [(f"{CONSTRAINED}{name}", model, dep) for name, model, dep in targets
+                    if main_seed_name(name) in CONSTRAINED_RUNS]
     return targets
+
+
+def main_seed_name(name: str) -> str:
+    """The run name at the main seed: 'rl/seed3408/on/grpo' -> 'rl/on/grpo' (at_seed's inverse).
+
+    >>> main_seed_name("sft/seed3409/full"), main_seed_name("constrained/rl/on/grpo")
+    ('sft/full', 'constrained/rl/on/grpo')
+    """
+    return re.sub(r"^((?:constrained/)?(?:sft|rl))/seed\d+/", r"\1/", name)
 
 
 # ----------------------------------------------------------------------------- the scheduler
@@ -589,6 +618,8 @@ def plot_catalog(out: Path, arms: list[Arm], path: Path) -> Path:
 def at_seed(name: str, seed: int, cfg: PaperTablesConfig) -> str:
     """The evaluation name of run ``name`` (e.g. 'rl/on/grpo') trained with ``seed``:
     'rl/seed3408/on/grpo'; the main seed keeps the plain name."""
+    if name.startswith(CONSTRAINED):
+        return CONSTRAINED + at_seed(name[len(CONSTRAINED):], seed, cfg)
     if seed == cfg.seed or not name.startswith(("sft/", "rl/")):
         return name
     kind, rest = name.split("/", 1)
@@ -611,19 +642,20 @@ def noise_section(cfg: PaperTablesConfig, agg: dict, per: dict, label: dict) -> 
           "| run | " + " | ".join(f"N@20 seed {s}" for s in ss) + " | mean | spread (max − min) | "
           + " | ".join(f"N@5 seed {s}" for s in ss) + " |",
           "|---|" + "---|" * (2 * len(ss) + 2)]
-    names = [n for n in agg if n.startswith(("sft/", "rl/")) and "/seed" not in n
+    names = [n for n in agg if n.startswith(("sft/", "rl/", CONSTRAINED)) and "/seed" not in n
              and all(at_seed(n, s, cfg) in agg for s in ss)]
     for name in names:
         v20 = [agg[at_seed(name, s, cfg)]["ndcg@20"]["mean"] for s in ss]
         v5 = [agg[at_seed(name, s, cfg)]["ndcg@5"]["mean"] for s in ss]
         md.append(f"| {label[name]} | " + " | ".join(f"{v:.4f}" for v in v20)
                   + f" | {np.mean(v20):.4f} | {max(v20) - min(v20):.4f} | " + " | ".join(f"{v:.4f}" for v in v5) + " |")
-    pair = ("rl/on/rank_grpo_exp_inf", "rl/on/grpo")
-    if all(at_seed(n, s, cfg) in agg for n in pair for s in ss):
-        ratios = [agg[at_seed(pair[0], s, cfg)]["ndcg@20"]["mean"] / max(agg[at_seed(pair[1], s, cfg)]["ndcg@20"]["mean"], 1e-12)
-                  for s in ss]
-        md += ["", "On-policy N@20 ratio Rank-GRPO (exp∞) / GRPO at equal rounds (the paper's 0.5B model: "
-               "0.1079 / 0.0945 = 1.14): " + ", ".join(f"seed {s}: {r:.3f}" for s, r in zip(ss, ratios)) + "."]
+    for prefix, how in (("", ""), (CONSTRAINED, ", decoded without repeats")):
+        pair = (prefix + "rl/on/rank_grpo_exp_inf", prefix + "rl/on/grpo")
+        if all(at_seed(n, s, cfg) in agg for n in pair for s in ss):
+            ratios = [agg[at_seed(pair[0], s, cfg)]["ndcg@20"]["mean"]
+                      / max(agg[at_seed(pair[1], s, cfg)]["ndcg@20"]["mean"], 1e-12) for s in ss]
+            md += ["", f"On-policy N@20 ratio Rank-GRPO (exp∞) / GRPO at equal rounds{how} (the paper's 0.5B model: "
+                   "0.1079 / 0.0945 = 1.14): " + ", ".join(f"seed {s}: {r:.3f}" for s, r in zip(ss, ratios)) + "."]
     return md + [""]
 
 
@@ -652,6 +684,23 @@ CLAIMS = (
     ("full RRA SFT > remove reflect", "diff", "sft/full", "sft/no_reflect", 20),
     ("off-policy lags on-policy at equal rounds (Rank-GRPO exp∞)", "diff", "rl/on/rank_grpo_exp_inf",
      "rl/off/rank_grpo_exp_inf", 20),
+    # the same students' greedy lists decoded without repeats (--constrained-eval; not the paper's protocol)
+    ("no repeats: decoding without repeats helps the SFT student", "diff", CONSTRAINED + "sft/full", "sft/full", 20),
+    ("no repeats: SFT + Rank-GRPO (exp∞) > SFT", "diff", CONSTRAINED + "rl/on/rank_grpo_exp_inf",
+     CONSTRAINED + "sft/full", 20),
+    ("no repeats: Rank-GRPO (exp∞) > GRPO", "diff", CONSTRAINED + "rl/on/rank_grpo_exp_inf",
+     CONSTRAINED + "rl/on/grpo", 20),
+    ("no repeats: Rank-GRPO (exp∞) > Rank-GRPO (log)", "diff", CONSTRAINED + "rl/on/rank_grpo_exp_inf",
+     CONSTRAINED + "rl/on/rank_grpo_log", 20),
+    ("no repeats: Rank-GRPO (log) > GRPO", "diff", CONSTRAINED + "rl/on/rank_grpo_log", CONSTRAINED + "rl/on/grpo",
+     20),
+    ("no repeats: GRPO > SFT", "diff", CONSTRAINED + "rl/on/grpo", CONSTRAINED + "sft/full", 20),
+    ("no repeats: gains over GRPO grow with k (Rank-GRPO exp∞)", "grows", CONSTRAINED + "rl/on/rank_grpo_exp_inf",
+     CONSTRAINED + "rl/on/grpo", 20),
+    ("no repeats: Rank-GRPO (exp∞) > raw teacher, N@20", "diff", CONSTRAINED + "rl/on/rank_grpo_exp_inf",
+     "teacher", 20),
+    ("no repeats: the student passes its teacher at the head of the list (Rank-GRPO exp∞ > raw teacher, N@5)",
+     "diff", CONSTRAINED + "rl/on/rank_grpo_exp_inf", "teacher", 5),
 )
 
 
@@ -715,6 +764,7 @@ def build_report(cfg: PaperTablesConfig) -> str:
     label |= {f"rl/{a.name}": f"{a.label} [seed {cfg.seed + a.seed_offset}]" for a in replicate_arms(cfg)}
     sft_labels = {name: lab for name, _, lab in SFT_ARMS}
     label |= {f"sft/{n}": f"{sft_labels[d]} [seed {cfg.seed + i}]" for n, d, i in replicate_sft(cfg)}
+    label |= {n: f"{label[n[len(CONSTRAINED):]]}, no repeats" for n in ev if n.startswith(CONSTRAINED)}
     sft = "sft/full"
 
     def rows(names):
@@ -752,6 +802,16 @@ def build_report(cfg: PaperTablesConfig) -> str:
                   f"{m['recall@20']['mean']:.4f} | {m['in_catalog']['mean']:.3f} |")
     md.append("")
 
+    con = [CONSTRAINED + n for n in (sft, "rl/on/grpo", "rl/on/rank_grpo_log", "rl/on/rank_grpo_exp_inf")]
+    if any(n in agg for n in con):
+        md += ["## The same students decoded without repeats (not the paper's protocol)", "",
+               "Greedy lists from the same checkpoints, except that no line may name a film the list has "
+               "already named (`evaluate.py --constrained --no-exclude-seen`: each line a catalog title, none "
+               "twice). These students already stay in the catalog, so the ban on repeats is the only change. "
+               "Almost every greedy list above repeats a film (see the list shapes below), and a repeat scores "
+               "nothing; this table shows what the repeats hide. The paper's protocol stays the tables above.", "",
+               table(rows(["popularity", "teacher", sft] + con)), ""]
+
     comparisons = [(f"{label[a]} − {label[b]}", a, b) for a, b in [
         ("rl/on/grpo", sft), ("rl/on/rank_grpo_log", sft), ("rl/on/rank_grpo_exp_inf", sft),
         ("rl/on/rank_grpo_log", "rl/on/grpo"), ("rl/on/rank_grpo_exp_inf", "rl/on/grpo"),
@@ -761,7 +821,9 @@ def build_report(cfg: PaperTablesConfig) -> str:
         ("rl/off/rank_grpo_exp_inf", "rl/off/rank_grpo_log"),
         ("rl/off/rank_grpo_exp_inf", "rl/on/rank_grpo_exp_inf"),
         (sft, "sft/no_remap_reflect"), (sft, "sft/no_reflect"),
-        ("rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf")] if a in per and b in per]
+        ("rl/on/rank_grpo_exp_inf", "rl/r1zero/rank_grpo_exp_inf"),
+        (CONSTRAINED + sft, sft), (con[3], con[0]), (con[1], con[0]), (con[2], con[1]), (con[3], con[1]),
+        (con[3], con[2])] if a in per and b in per]
     n_films = len((out / "world" / "catalog.jsonl").read_text().splitlines())
     md += ["## What the greedy lists look like", "",
            "Within a list: valid lines, distinct items, share of lists with a repeated item. Across the "
@@ -858,7 +920,7 @@ def build_report(cfg: PaperTablesConfig) -> str:
 
 # Fields that choose which runs are made or where things go, not what a finished run contains.
 NOT_RESULT_FIELDS = frozenset({"out", "results", "report_only", "figures", "jobs", "python", "arms", "sft_arms",
-                               "replicates", "replicate"})
+                               "replicates", "replicate", "constrained_eval"})
 
 
 def check_same_settings(cfg: PaperTablesConfig) -> None:

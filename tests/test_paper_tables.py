@@ -46,7 +46,15 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
     demos = {t.name: t.cmd for t in tasks if t.name.startswith("demos/")}
     assert "--no-reflect" in demos["demos/no_reflect"] and "--no-remap-reflect" in demos["demos/no_remap_reflect"]
     assert not {"--no-reflect", "--no-remap-reflect"} & set(demos["demos/full"])
-    assert len([t for t in tasks if t.name.startswith("eval/")]) == 8 + 3 + 1
+    evals = {t.name: t.cmd for t in tasks if t.name.startswith("eval/")}
+    assert len(evals) == 8 + 3 + 1 + 4  # every RL and SFT arm, the base model; 4 again without repeats
+    constrained = {n for n, cmd in evals.items() if "--constrained" in cmd}
+    assert constrained == {"eval/constrained/sft/full", "eval/constrained/rl/on/grpo",
+                           "eval/constrained/rl/on/rank_grpo_log", "eval/constrained/rl/on/rank_grpo_exp_inf"}
+    for n in constrained:  # the same checkpoint as the plain evaluation, only the repeats banned
+        plain = evals[n.replace("constrained/", "")]
+        assert [x.replace("constrained/", "") for x in evals[n]] == plain + ["--constrained", "--no-exclude-seen"]
+    assert len([t for t in pt.plan(_cfg("--replicates", "0", "--no-constrained-eval")) if t.name.startswith("eval/")]) == 12
 
 
 def test_arms_filter_and_unknown_arm():
@@ -132,7 +140,8 @@ def test_every_run_is_replicated_at_each_seed_and_rl_starts_from_the_sft_run_of_
             assert flag(sft, "--train-data") == str(Path(f"OUT/demos/{name}/train.jsonl"))
             assert flag(sft, "--seed") == str(seed)
             assert f"eval/sft/seed{seed}/{name}" in tasks
-    assert len([n for n in tasks if n.startswith("eval/")]) == 3 * (8 + 3) + 1  # the base model once
+    assert len([n for n in tasks if n.startswith("eval/")]) == 3 * (8 + 3 + 4) + 1  # the base model once
+    assert {f"eval/constrained/sft/seed{s}/full" for s in (3408, 3409)} <= set(tasks)
     core = {t.name for t in pt.plan(_cfg("--replicates", "2"))}  # the default
     assert {n for n in core if "seed3409" in n and n.startswith("rl/")} == {
         f"rl/seed3409/{a.name}" for a in pt.RL_ARMS if a.mu == 1}
@@ -315,3 +324,7 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
     assert ("not judged" in claim) == (replicate == "core")
     assert "[seed 3409]" in text and "## Figures" not in text and "(Figures not drawn" in text
     assert json.loads((tmp_path / "res" / "summary.json").read_text())["claims"]
+    assert "## The same students decoded without repeats" in text
+    claim = next(line for line in text.splitlines() if line.startswith("| no repeats: Rank-GRPO (exp∞) > GRPO |"))
+    assert "not judged" not in claim and "–" not in claim  # judged at every seed, each against its own GRPO
+    assert "+ SFT + Rank-GRPO (exp∞) [seed 3409], no repeats" in text  # its list shape
