@@ -21,6 +21,10 @@ def _cfg(*argv):
     return pt.parse_config(pt.PaperTablesConfig, ["--out", "OUT", *argv])
 
 
+def evals_of(tasks):
+    return [t.name[len("eval/"):] for t in tasks if t.name.startswith("eval/")]
+
+
 def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
     tasks = pt.plan(_cfg("--replicates", "0"))
     names = [t.name for t in tasks]
@@ -47,10 +51,11 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
     assert "--no-reflect" in demos["demos/no_reflect"] and "--no-remap-reflect" in demos["demos/no_remap_reflect"]
     assert not {"--no-reflect", "--no-remap-reflect"} & set(demos["demos/full"])
     evals = {t.name: t.cmd for t in tasks if t.name.startswith("eval/")}
-    assert len(evals) == 8 + 3 + 1 + 4  # every RL and SFT arm, the base model; 4 again without repeats
+    # every RL and SFT arm, the base model; again without repeats every arm but R1-zero (from the base model)
+    assert len(evals) == 8 + 3 + 1 + 7 + 3
     constrained = {n for n, cmd in evals.items() if "--constrained" in cmd}
-    assert constrained == {"eval/constrained/sft/full", "eval/constrained/rl/on/grpo",
-                           "eval/constrained/rl/on/rank_grpo_log", "eval/constrained/rl/on/rank_grpo_exp_inf"}
+    assert constrained == {f"eval/constrained/{n}" for n in evals_of(tasks)
+                           if n != "base" and "r1zero" not in n and not n.startswith("constrained/")}
     for n in constrained:  # the same checkpoint as the plain evaluation, only the repeats banned
         plain = evals[n.replace("constrained/", "")]
         assert [x.replace("constrained/", "") for x in evals[n]] == plain + ["--constrained", "--no-exclude-seen"]
@@ -140,7 +145,7 @@ def test_every_run_is_replicated_at_each_seed_and_rl_starts_from_the_sft_run_of_
             assert flag(sft, "--train-data") == str(Path(f"OUT/demos/{name}/train.jsonl"))
             assert flag(sft, "--seed") == str(seed)
             assert f"eval/sft/seed{seed}/{name}" in tasks
-    assert len([n for n in tasks if n.startswith("eval/")]) == 3 * (8 + 3 + 4) + 1  # the base model once
+    assert len([n for n in tasks if n.startswith("eval/")]) == 3 * (8 + 3 + 7 + 3) + 1  # the base model once
     assert {f"eval/constrained/sft/seed{s}/full" for s in (3408, 3409)} <= set(tasks)
     core = {t.name for t in pt.plan(_cfg("--replicates", "2"))}  # the default
     assert {n for n in core if "seed3409" in n and n.startswith("rl/")} == {
