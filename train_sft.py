@@ -72,7 +72,8 @@ class TrainSFTConfig(TrainerConfig):
     share_prompt_prefix: bool = arg(True, "Run the prompt prefix that every row of a micro-batch shares (the paper's "
                                           "fixed instruction) once per micro-batch instead of once per row, and the "
                                           "output head on the completion columns only. The same loss and gradients "
-                                          "up to float rounding, for fewer tokens (sandbox: 1.34x faster per step, benchmarks/bench_sft_step.py). "
+                                          "up to float rounding, for fewer tokens (sandbox: 1.34x faster per step, "
+                                          "benchmarks/bench_sft_step.py). "
                                           "Not under --fsdp, where every row runs its whole prompt: FSDP2 gathers a "
                                           "layer's weights for the backward pass through the layer's outputs, and "
                                           "the gradient through the prefix's key/value cache bypasses them.")

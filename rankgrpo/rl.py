@@ -29,9 +29,9 @@ from rankgrpo.losses import (eos_positions, grpo_loss, group_advantages, gspo_lo
 from rankgrpo.metrics import in_catalog_ratio
 from rankgrpo.parsing import parse_recommendations
 from rankgrpo.rewards import causal_returns, rank_relevance, sequence_dcg
-from rankgrpo.training import share_prompt_prefix
 from rankgrpo.sampling import Rollout, token_logprobs
 from rankgrpo.segment import decode_completion, token_ranks
+from rankgrpo.training import share_prompt_prefix
 
 LOGGED_RANKS = (1, 2, 5, 10, 15, 20)
 

@@ -59,7 +59,7 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
     for n in constrained:  # the same checkpoint as the plain evaluation, only the repeats banned
         plain = evals[n.replace("constrained/", "")]
         assert [x.replace("constrained/", "") for x in evals[n]] == plain + ["--constrained", "--no-exclude-seen"]
-    assert len([t for t in pt.plan(_cfg("--replicates", "0", "--no-constrained-eval")) if t.name.startswith("eval/")]) == 12
+    assert len(evals_of(pt.plan(_cfg("--replicates", "0", "--no-constrained-eval")))) == 12
 
 
 def test_arms_filter_and_unknown_arm():
@@ -330,6 +330,6 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
     assert "[seed 3409]" in text and "## Figures" not in text and "(Figures not drawn" in text
     assert json.loads((tmp_path / "res" / "summary.json").read_text())["claims"]
     assert "## The same students decoded without repeats" in text
-    claim = next(line for line in text.splitlines() if line.startswith("| no repeats: Rank-GRPO (exp∞) > GRPO |"))
+    claim = next(line for line in text.splitlines() if line.startswith("| no repeats: on-policy: Rank-GRPO (exp∞) > GRPO |"))
     assert "not judged" not in claim and "–" not in claim  # judged at every seed, each against its own GRPO
     assert "+ SFT + Rank-GRPO (exp∞) [seed 3409], no repeats" in text  # its list shape
