@@ -41,8 +41,9 @@ from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.models import load_model
 from rankgrpo.rl import prepare_batch, rollout_metrics, sync, update_pass
 from rankgrpo.sampling import sample
-from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, eos_token_ids, indices_for_step,
-                               parse_lr_schedule, run_script, start_from, step_schedule, validate_generation)
+from rankgrpo.training import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, eos_token_ids,
+                               indices_for_step, parse_lr_schedule, run_script, start_from, step_schedule,
+                               validate_generation)
 
 PRESETS = {
     # the paper (App. C, §7): 48 prompts x G = 8 = 384 completions per step, lr 1e-6, 1024 new tokens
@@ -100,7 +101,8 @@ class TrainRankGRPOConfig(TrainerConfig):
     share_prompt_prefix: bool = arg(True, "In the log-prob passes (policy and reference), run the prompt prefix "
                                           "that every row of a micro-batch shares (the paper's fixed instruction) "
                                           "once instead of once per row. The same log-probs and gradients up to "
-                                          "float rounding, for fewer tokens. Not under --fsdp (see train_sft.py).")
+                                          "float rounding, for fewer tokens. Not under --fsdp or "
+                                          "--gradient-checkpointing (see train_sft.py).")
     save_every: int = arg(20, "Checkpoint every this many steps and at the end (0: off; final/ is always "
                               "written).", min=0)
     compile: bool = arg(False, "Sample (rollouts and validation) with a static KV cache and a compiled "
@@ -221,6 +223,7 @@ def train(cfg, world) -> int:
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    announce_prefix_sharing(cfg, world, "rl")
     model = wrap_model(model, world, bf16=cfg.bf16)
     if reference is not None:  # replicated (DDP) or sharded (FSDP2) like the policy
         reference = wrap_model(reference, world, trainable=False, bf16=cfg.bf16)

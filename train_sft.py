@@ -29,9 +29,9 @@ from rankgrpo.distributed import (clip_grad_norm, grad_sync, inference_model, re
                                   save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.losses import sft_loss
-from rankgrpo.training import (NonFiniteGuard, TrainerConfig, check_paths, collate_sft, cosine_with_warmup,
-                               indices_for_step, run_script, sft_logits, share_prompt_prefix, start_from,
-                               tokenize_sft_split, validate_generation)
+from rankgrpo.training import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, collate_sft,
+                               cosine_with_warmup, indices_for_step, run_script, sft_logits, share_prompt_prefix,
+                               start_from, tokenize_sft_split, validate_generation)
 
 PRESETS = {
     # the paper (App. C(iii)) for hub models: lr 5e-5, cosine, 5% warm-up, effective batch 384
@@ -76,7 +76,8 @@ class TrainSFTConfig(TrainerConfig):
                                           "benchmarks/bench_sft_step.py). "
                                           "Not under --fsdp, where every row runs its whole prompt: FSDP2 gathers a "
                                           "layer's weights for the backward pass through the layer's outputs, and "
-                                          "the gradient through the prefix's key/value cache bypasses them.")
+                                          "the gradient through the prefix's key/value cache bypasses them, nor "
+                                          "under --gradient-checkpointing, which drops the key/value cache.")
     save_every: int = arg(100, "Checkpoint every this many steps and at the end (0: off; final/ is always "
                                "written).", min=0)
 
@@ -137,8 +138,7 @@ def train(cfg, world) -> int:
 
     window = cfg.micro_batch_size * cfg.grad_accum
     share_prefix = share_prompt_prefix(cfg, world)
-    if cfg.share_prompt_prefix and not share_prefix and world.is_main:
-        print("sft: --share-prompt-prefix is off under --fsdp (see --help); every row runs its whole prompt")
+    announce_prefix_sharing(cfg, world, "sft")
     if len(train_samples) < window:
         raise SystemExit(f"error: {len(train_samples)} demonstrations, fewer than one batch of {window}")
     if window % world.size:

@@ -50,6 +50,8 @@ from __future__ import annotations
 import hashlib
 import io
 import weakref
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,8 +326,9 @@ def catalog_trie(catalog: Catalog, tokenizer, cache_dir: str | Path | None = Non
     if path is not None and path.is_file():
         try:
             trie = CatalogTrie.from_bytes(path.read_bytes())
-        except (ValueError, KeyError, OSError):
-            trie = None  # an old or damaged cache file is rebuilt and replaced
+        except (ValueError, KeyError, IndexError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
+            # an old or damaged cache file (empty, truncated, another format) is rebuilt and replaced
+            trie = None
     if trie is None:
         trie = build_catalog_trie(catalog, tokenizer)
         if path is not None:

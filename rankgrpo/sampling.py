@@ -312,7 +312,11 @@ def choose_tokens(
         # (what torch.multinomial does for one draw, with a faster Exp(1) = -log U).
         if uniform is None:
             uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)
-        race = uniform.log_().neg_()
+        # torch.rand can return exactly 0 (about once in 2^24 float32 draws): E = inf would score
+        # every token 0 and argmax would pick token 0, allowed or not. The smallest normal float
+        # keeps E finite (<= 87.3 in float32), so a token of probability 0 never beats one of
+        # probability > 0; every draw U > 0 is left exactly as it was.
+        race = uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_()
         tokens = (logprobs.exp() / race).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 

@@ -182,9 +182,31 @@ def collate_right_padded(samples: Sequence[SFTSample], pad_token_id: int):
 
 def share_prompt_prefix(cfg, world) -> bool:
     """Whether a trainer's forward passes run the rows' shared prompt prefix once
-    (``--share-prompt-prefix``). Never under FSDP2, whose backward gathers a layer's weights only
-    through the layer's outputs, which the gradient through the prefix's cache bypasses."""
-    return cfg.share_prompt_prefix and world.mode != "fsdp"
+    (``--share-prompt-prefix``); `prefix_sharing_off_reason` says why not when it is asked for."""
+    return cfg.share_prompt_prefix and prefix_sharing_off_reason(cfg, world) is None
+
+
+def prefix_sharing_off_reason(cfg, world) -> str | None:
+    """Why ``--share-prompt-prefix`` cannot apply to this run, or None when it can.
+
+    - Under FSDP2 the backward pass gathers a layer's weights only through the layer's outputs,
+      which the gradient through the prefix's key/value cache bypasses.
+    - Under ``--gradient-checkpointing`` transformers drops the key/value cache of every layer it
+      checkpoints (the recomputation in the backward pass would write it a second time), so the
+      rows could not attend to the prefix.
+    """
+    if world.mode == "fsdp":
+        return "--fsdp"
+    if cfg.gradient_checkpointing:
+        return "--gradient-checkpointing"
+    return None
+
+
+def announce_prefix_sharing(cfg, world, trainer: str) -> None:
+    """Say once, on the main process, that a requested ``--share-prompt-prefix`` is off and why."""
+    reason = prefix_sharing_off_reason(cfg, world) if cfg.share_prompt_prefix else None
+    if reason and world.is_main:
+        print(f"{trainer}: --share-prompt-prefix is off under {reason} (see --help); every row runs its whole prompt")
 
 
 def shared_prefix_length(samples: Sequence[SFTSample]) -> int:

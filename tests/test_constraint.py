@@ -133,6 +133,27 @@ def test_cache_memory_and_disk(world, tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("catalog-trie-*.npz"))) == 2                 # another key
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "one_array_short"])
+def test_a_damaged_cache_file_is_rebuilt_and_replaced(world, tmp_path, monkeypatch, damage):
+    """An interrupted copy or a full disk leaves a broken .npz; the run rebuilds it instead of crashing."""
+    catalog, tokenizer, trie, _ = world
+    monkeypatch.setattr(constraint_module, "_MEMORY", {})
+    catalog_trie(catalog, tokenizer, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("catalog-trie-*.npz")
+    good = path.read_bytes()
+    if damage == "one_array_short":       # a valid archive from an older writer, missing one array
+        z = dict(np.load(path, allow_pickle=False))
+        del z["item_final_end"]
+        np.savez(path, **z)
+    else:
+        path.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "garbage": b"PK\x03\x04" + b"x" * 64}[damage])
+    monkeypatch.setattr(constraint_module, "_MEMORY", {})
+    rebuilt = catalog_trie(catalog, tokenizer, cache_dir=tmp_path)
+    for name in trie._ARRAYS:
+        assert np.array_equal(getattr(rebuilt, name), getattr(trie, name)), name
+    assert path.read_bytes() == good                                         # replaced by a whole file
+
+
 # ----------------------------------------------------------------------------- the state machine
 
 

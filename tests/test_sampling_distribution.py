@@ -107,3 +107,23 @@ def test_sample_draws_first_tokens_from_the_model_distribution(temperature, top_
     freq = frequencies(tokens, vocab)
     assert (freq - target).abs().max() <= EPS, (freq.tolist(), target.tolist(), EPS)
     assert torch.allclose(rollout.logprobs[:, 0].double(), target[tokens].log(), atol=1e-4)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_an_exact_zero_uniform_draw_never_picks_a_forbidden_token(top_p):
+    """torch.rand returns exactly 0.0 about once in 2^24 draws. Inside a catalog line most steps
+    allow one token (the rest at -inf); a zero draw on that token used to score every token 0, so
+    argmax returned token 0, which is forbidden, with log-prob -inf."""
+    logits = torch.full((3, 10), float("-inf"))
+    logits[0, 7] = 1.5                               # one allowed token
+    logits[1, 7], logits[1, 2] = 30.0, 0.0           # a one-token nucleus under top-p (p(2) ~ 1e-13)
+    logits[2] = torch.linspace(0.0, 1.0, 10)         # everything allowed: a zero draw still samples
+    uniform = torch.full((3, 10), 0.5)
+    uniform[0, 7] = uniform[1, 7] = 0.0
+    uniform[2, 0] = 0.0
+    tokens, logprobs = choose_tokens(logits, temperature=1.0, top_p=top_p, greedy=False, generator=None,
+                                     uniform=uniform)
+    assert tokens[:2].tolist() == [7, 7]
+    assert bool(torch.isfinite(logprobs).all())
+    # with U = 0 on token 0, E_0 = -log(tiny) = 87.3, far above every other E_v = log 2: token 0 loses
+    assert tokens[2].item() != 0
