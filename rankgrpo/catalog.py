@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import pickle
 import re
 import unicodedata
@@ -30,6 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from rankgrpo.io import InputFileError, read_jsonl, read_text_utf8
 
 MIN_YEAR = 1870
 MAX_YEAR = 2100
@@ -68,7 +69,7 @@ def is_plausible_year(year: object) -> bool:
     return isinstance(year, int) and not isinstance(year, bool) and MIN_YEAR <= year <= MAX_YEAR
 
 
-class CatalogError(ValueError):
+class CatalogError(InputFileError):
     """A catalog file that cannot be used (unreadable, empty, unsafe pickle, bad header)."""
 
 
@@ -250,32 +251,26 @@ def _load_pickle(path: Path, report: CatalogReport) -> list[CatalogItem]:
 
 def _load_jsonl(path: Path, report: CatalogReport) -> list[CatalogItem]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                report.n_rows += 1
-                report.drop("malformed JSON", f"{where} ({e.msg})")
-                continue
-            if not isinstance(obj, dict):
-                report.n_rows += 1
-                report.drop("not an object", where)
-                continue
-            meta = {k: v for k, v in obj.items() if k not in ("title", "year")}
-            item = _row_to_item(obj.get("title"), obj.get("year"), meta, where, report)
-            if item:
-                out.append(item)
+    for line in read_jsonl(path, strict=False, error=CatalogError):
+        obj, where = line.value, line.where
+        if line.error is not None:
+            report.n_rows += 1
+            report.drop("malformed JSON", f"{where} ({line.error.removeprefix('malformed JSON ')})")
+            continue
+        if not isinstance(obj, dict):
+            report.n_rows += 1
+            report.drop("not an object", where)
+            continue
+        meta = {k: v for k, v in obj.items() if k not in ("title", "year")}
+        item = _row_to_item(obj.get("title"), obj.get("year"), meta, where, report)
+        if item:
+            out.append(item)
     return out
 
 
 def _load_tsv(path: Path, report: CatalogReport) -> list[CatalogItem]:
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    reader = csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    text = read_text_utf8(path, CatalogError)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     if not reader.fieldnames or "title" not in reader.fieldnames or "year" not in reader.fieldnames:
         raise CatalogError(f"{path}:1: a TSV catalog needs a header line with 'title' and 'year' columns")
     out = []
@@ -310,11 +305,3 @@ def load_catalog(path: str | Path) -> Catalog:
         return Catalog(items, report)
     except CatalogError as e:
         raise CatalogError(f"{path}: {e}; {report.summary()}") from None
-
-
-def write_catalog_jsonl(catalog: Catalog | Iterable[CatalogItem], path: str | Path) -> None:
-    """Write a catalog as JSONL (atomic)."""
-    from rankgrpo.io import atomic_write_text
-
-    lines = [json.dumps({"title": it.title, "year": it.year, **it.meta}, ensure_ascii=False) for it in catalog]
-    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from rankgrpo.io import atomic_write_json
+from rankgrpo.io import InputFileError, atomic_write_json
 
 T = TypeVar("T")
 
@@ -158,15 +157,13 @@ def run_cli(config_cls: type[T], run: Callable[[T], int], argv: Sequence[str] | 
     a missing or malformed file, a bad row or catalog) ends with ONE line ``error: ...`` on stderr
     and exit status 2, never a traceback; anything else is a bug and keeps its traceback.
 
-    The expected errors: ``ConfigError``, ``rankgrpo.data.DataError``,
-    ``rankgrpo.catalog.CatalogError``, and ``SystemExit`` carrying a message.
+    The expected errors: ``ConfigError``, ``rankgrpo.io.InputFileError`` (and its subclasses
+    ``rankgrpo.data.DataError`` and ``rankgrpo.catalog.CatalogError``), and ``SystemExit``
+    carrying a message.
     """
-    from rankgrpo.catalog import CatalogError
-    from rankgrpo.data import DataError
-
     try:
         return run(parse_config(config_cls, argv))
-    except (ConfigError, DataError, CatalogError) as e:
+    except (ConfigError, InputFileError) as e:
         message = str(e)
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
@@ -188,9 +185,3 @@ def save_config(cfg, run_dir: str | Path, name: str = "config.json") -> Path:
     path = Path(run_dir) / name
     atomic_write_json(path, config_to_dict(cfg))
     return path
-
-
-def load_config(cls: type[T], path: str | Path) -> T:
-    data = json.loads(Path(path).read_text())
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rankgrpo.catalog import is_plausible_year
+from rankgrpo.io import InputFileError, read_jsonl, read_text_utf8
 
 N_ITEMS = 20
 
@@ -43,7 +44,7 @@ PROMPT_TEMPLATE = (
 CONVERSATION_MARKER = "Here is the conversation: "
 
 
-class DataError(ValueError):
+class DataError(InputFileError):
     """Bad example data; the message names the file, the line and the field."""
 
 
@@ -218,9 +219,10 @@ def load_examples(path: str | Path, require_groundtruth: bool = True) -> Example
         return _load_hf_dir(path, require_groundtruth)
     if not path.is_file():
         raise DataError(f"{path}: examples file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text_utf8(path, DataError)
     stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{path}: the examples file is empty")
     records: list[tuple[str, Any, str]] = []
     if stripped.startswith("[") or (stripped.startswith("{") and path.suffix == ".json"):
         try:
@@ -233,13 +235,9 @@ def load_examples(path: str | Path, require_groundtruth: bool = True) -> Example
             obj = obj["samples"]
         records = [(f"{path}[{i}]", r, str(i)) for i, r in enumerate(obj)]
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{lineno}", json.loads(line), str(lineno - 1)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        records = [(line.where, line.value, str(line.lineno - 1)) for line in read_jsonl(path, error=DataError)]
+    if not records:
+        raise DataError(f"{path}: no examples in the file")
     report = DataReport(n_rows=len(records))
     return ExampleList((example_from_json(r, where, default_id, require_groundtruth, report)
                         for where, r, default_id in records), report)

@@ -4,12 +4,12 @@ The scoring half of ``evaluate.py``; generation from a checkpoint lives in the s
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 from rankgrpo.catalog import Catalog
 from rankgrpo.data import DataError, Example
+from rankgrpo.io import read_jsonl
 from rankgrpo.metrics import KS, aggregate, score_completion
 from rankgrpo.parsing import parse_recommendations
 
@@ -25,23 +25,18 @@ def load_predictions(path: str | Path, examples: Sequence[Example]) -> list[str]
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or "completion" not in obj:
-                raise DataError(f"{where}: missing field 'completion'")
-            comp = obj["completion"]
-            if isinstance(comp, list):
-                comp = "".join(m.get("content", "") for m in comp if isinstance(m, dict))
-            if not isinstance(comp, str):
-                raise DataError(f"{where}: field 'completion' must be a string or chat messages")
-            rows.append((obj.get("id"), comp, where))
+    for line in read_jsonl(path, error=DataError):
+        obj, where = line.value, line.where
+        if not isinstance(obj, dict) or "completion" not in obj:
+            raise DataError(f"{where}: missing field 'completion'")
+        comp = obj["completion"]
+        if isinstance(comp, list):
+            comp = "".join(m.get("content", "") for m in comp if isinstance(m, dict))
+        if not isinstance(comp, str):
+            raise DataError(f"{where}: field 'completion' must be a string or chat messages")
+        rows.append((obj.get("id"), comp, where))
+    if not rows:
+        raise DataError(f"{path}: the predictions file is empty")
     if rows and all(r[0] is not None for r in rows):
         by_id = {}
         for pid, comp, where in rows:

@@ -1,7 +1,11 @@
-"""Small file helpers shared by every stage: atomic writes and JSONL appends.
+"""Small file helpers shared by every stage: atomic writes, JSONL appends, and the one JSONL reader.
 
 A write goes to a temporary file in the same directory, is flushed and fsync'd, and is
 then renamed over the target, so a reader (or a resumed run) never sees half a file.
+
+Every input file (examples, catalog, predictions) is read through `read_text_utf8` and
+`read_jsonl`, so a file that is not UTF-8 or a malformed line is reported the same way
+everywhere: ``FILE:LINE: what is wrong``.
 """
 from __future__ import annotations
 
@@ -9,7 +13,64 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterable
+
+
+class InputFileError(ValueError):
+    """A user's input file cannot be read as it must be; the message starts with ``FILE`` or
+    ``FILE:LINE``. The scripts turn it into one ``error:`` line and exit status 2."""
+
+
+def read_text_utf8(path: str | Path, error: type[InputFileError] = InputFileError) -> str:
+    """The whole file as text. A byte sequence that is not UTF-8 raises ``error`` (a subclass of
+    `InputFileError`) naming the file and the line it is on; a leading byte-order mark is dropped."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                             "save the file as UTF-8") from None
+
+
+@dataclass(frozen=True)
+class JsonlLine:
+    """One non-blank line of a JSONL file: ``value`` is the parsed JSON, or None with ``error``
+    saying why the line is not JSON. ``where`` is ``FILE:LINE`` for messages."""
+
+    lineno: int
+    where: str
+    value: Any
+    error: str | None = None
+
+
+def read_jsonl(path: str | Path, *, strict: bool = True,
+               error: type[InputFileError] = InputFileError) -> list[JsonlLine]:
+    """Every non-blank line of a JSONL file, numbered from 1.
+
+    ``strict``: a malformed line raises ``error`` (``FILE:LINE: malformed JSON (...)``);
+    otherwise it is returned with its ``error`` field set, for callers that count and skip bad
+    rows (the catalog). Text that is not UTF-8 always raises (`read_text_utf8`). ``error`` is the
+    caller's subclass of `InputFileError` (`rankgrpo.data.DataError`, `rankgrpo.catalog.CatalogError`).
+
+    >>> # a file with lines '{"a": 1}', '', '{oops' -> strict=False gives
+    >>> # [JsonlLine(1, 'f:1', {'a': 1}), JsonlLine(3, 'f:3', None, "malformed JSON (...)")]
+    """
+    out = []
+    for lineno, line in enumerate(read_text_utf8(path, error).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            out.append(JsonlLine(lineno, where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            why = f"malformed JSON ({e.msg} at column {e.colno})"
+            if strict:
+                raise error(f"{where}: {why}") from None
+            out.append(JsonlLine(lineno, where, None, why))
+    return out
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

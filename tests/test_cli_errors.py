@@ -54,6 +54,13 @@ def files(tmp_path_factory):
     (d / "unsafe.pkl").write_bytes(pickle.dumps(Path("x")))
     (d / "catalog.csv").write_text("title,year\nHeat,1995\n")
     (d / "preds_bad.jsonl").write_text('{"id": "0", "text": "Heat (1995)"}\n')
+    (d / "empty.jsonl").write_text("")
+    (d / "blank.jsonl").write_text("\n  \n")
+    latin1 = json.dumps({**ROW, "seen_titles": ["Am\u00e9lie"]}, ensure_ascii=False).encode("latin-1")
+    (d / "latin1.jsonl").write_bytes(json.dumps(ROW).encode() + b"\n" + latin1 + b"\n")
+    (d / "latin1_catalog.jsonl").write_bytes('{"title": "Heat", "year": 1995}\n{"title": "Am\u00e9lie", '
+                                             '"year": 2001}\n'.encode("latin-1"))
+    (d / "latin1_catalog.tsv").write_bytes("title\tyear\nAm\u00e9lie\t2001\n".encode("latin-1"))
     (d / "not_a_dataset").mkdir()
     (d / "not_a_model").mkdir()
     (d / "broken_model").mkdir()
@@ -164,6 +171,32 @@ CASES = [
      r"no_completion.jsonl: 1 example\(s\) without 'completion'"),
     ("eval-bad-predictions", "evaluate", lambda d: ev(d, "--predictions", d / "preds_bad.jsonl"),
      r"preds_bad.jsonl:1: missing field 'completion'"),
+    # ---- empty files and files that are not UTF-8, in every script that reads one
+    ("eval-data-empty", "evaluate", lambda d: ["--data", d / "empty.jsonl", "--catalog", d / "catalog.jsonl",
+                                               "--predictions-from-field", "completion"],
+     r"empty.jsonl: the examples file is empty"),
+    ("sft-data-blank", "train_sft", lambda d: sft(d, "--train-data", d / "blank.jsonl"),
+     r"blank.jsonl: the examples file is empty"),
+    ("rl-val-data-empty", "train_rankgrpo", lambda d: rl(d, "--val-data", d / "empty.jsonl"),
+     r"empty.jsonl: the examples file is empty"),
+    ("demos-data-empty", "build_demos", lambda d: demos(d, "--train-data", d / "empty.jsonl"),
+     r"empty.jsonl: the examples file is empty"),
+    ("eval-predictions-empty", "evaluate", lambda d: ev(d, "--predictions", d / "empty.jsonl"),
+     r"empty.jsonl: the predictions file is empty"),
+    ("eval-data-latin1", "evaluate", lambda d: ["--data", d / "latin1.jsonl", "--catalog", d / "catalog.jsonl",
+                                                "--predictions-from-field", "completion"],
+     r"latin1.jsonl:2: not UTF-8 text"),
+    ("sft-data-latin1", "train_sft", lambda d: sft(d, "--val-data", d / "latin1.jsonl"), r"latin1.jsonl:2: not UTF-8"),
+    ("rl-data-latin1", "train_rankgrpo", lambda d: rl(d, "--data", d / "latin1.jsonl"), r"latin1.jsonl:2: not UTF-8"),
+    ("demos-data-latin1", "build_demos", lambda d: demos(d, "--val-data", d / "latin1.jsonl"),
+     r"latin1.jsonl:2: not UTF-8"),
+    ("eval-predictions-latin1", "evaluate", lambda d: ev(d, "--predictions", d / "latin1.jsonl"),
+     r"latin1.jsonl:2: not UTF-8"),
+    ("rl-catalog-latin1", "train_rankgrpo", lambda d: rl(d, "--catalog", d / "latin1_catalog.jsonl"),
+     r"latin1_catalog.jsonl:2: not UTF-8"),
+    ("eval-catalog-tsv-latin1", "evaluate", lambda d: ev(d, "--catalog", d / "latin1_catalog.tsv",
+                                                         "--predictions-from-field", "completion"),
+     r"latin1_catalog.tsv:2: not UTF-8"),
     # ---- catalogs
     ("eval-catalog-empty", "evaluate", lambda d: ev(d, "--catalog", d / "empty_catalog.jsonl",
                                                     "--predictions-from-field", "completion"),
