@@ -160,40 +160,39 @@ def generate(cfg: EvaluateConfig, examples, catalog) -> list[str] | None:
     import torch
 
     from rankgrpo.distributed import close_world, init_world
-    from rankgrpo.training import greedy_completions, load_for_cli
+    from rankgrpo.trainer import load_for_cli
+    from rankgrpo.validation import shared_greedy_completions
 
     world = init_world(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         tokenizer, model = load_for_cli("--model", cfg.model, cfg.chat_template, dtype=cfg.dtype,
                                         device=world.device)
-        mine = set(list(dict.fromkeys(ex.prompt_text for ex in examples))[world.rank::world.size])
-        own = [ex for ex in examples if ex.prompt_text in mine]
-        constraint = None
+        constraint_for = None
         if cfg.constrained:
             from rankgrpo.constraint import catalog_trie, constraint_for_examples
-            from rankgrpo.training import eos_token_ids
+            from rankgrpo.models import eos_token_ids
 
             trie = catalog_trie(catalog, tokenizer, cache_dir=cfg.trie_cache or None)
             if trie.dropped and world.is_main:
                 print(f"constraint: catalog items left out of the trie: {dict(trie.dropped)}", file=sys.stderr)
-            # One exclusion set per example of this rank, as greedy_completions indexes them.
-            constraint = constraint_for_examples(trie, catalog, own, n_items=cfg.n_items,
-                                                 eos_token_ids=eos_token_ids(model, tokenizer),
-                                                 exclude_seen=cfg.exclude_seen)
-        texts = greedy_completions(model, tokenizer, own, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size, stop_after_items=cfg.stop_after_items or None,
-                                   progress=world.is_main, compile=cfg.compile, constraint=constraint)
-        by_prompt = {}
-        for part in world.gather_objects({ex.prompt_text: t for ex, t in zip(own, texts)}):
-            by_prompt.update(part)
+            eos = eos_token_ids(model, tokenizer)
+
+            def constraint_for(own):  # one exclusion set per example of this rank
+                return constraint_for_examples(trie, catalog, own, n_items=cfg.n_items, eos_token_ids=eos,
+                                               exclude_seen=cfg.exclude_seen)
+
+        texts = shared_greedy_completions(model, tokenizer, examples, world, constraint_for=constraint_for,
+                                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                          stop_after_items=cfg.stop_after_items or None, progress=world.is_main,
+                                          compile=cfg.compile)
     finally:
         close_world(world)
-    return [by_prompt[ex.prompt_text] for ex in examples] if world.is_main else None
+    return texts if world.is_main else None
 
 
 def check_inputs(cfg: EvaluateConfig) -> None:
     """Fail before any work on an input that is missing, naming the flag."""
-    from rankgrpo.training import check_model_source, check_paths
+    from rankgrpo.trainer import check_model_source, check_paths
 
     if cfg.compare:
         return

@@ -41,9 +41,11 @@ from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.models import load_model
 from rankgrpo.rl import prepare_batch, rollout_metrics, sync, update_pass
 from rankgrpo.sampling import sample
-from rankgrpo.training import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, eos_token_ids,
-                               indices_for_step, parse_lr_schedule, run_script, start_from, step_schedule,
-                               validate_generation)
+from rankgrpo.models import eos_token_ids
+from rankgrpo.schedules import parse_lr_schedule, step_schedule
+from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, indices_for_step,
+                              run_script, start_from)
+from rankgrpo.validation import validate_generation
 
 PRESETS = {
     # the paper (App. C, §7): 48 prompts x G = 8 = 384 completions per step, lr 1e-6, 1024 new tokens
@@ -241,18 +243,18 @@ def train(cfg, world) -> int:
         if cfg.bf16 else contextlib.nullcontext
     guard = NonFiniteGuard(cfg.max_nonfinite)
 
-    def validate_now():  # every rank validates on the whole set; rank 0 logs
+    def validate_now():  # each rank generates for its share of the prompts; the figures are global; rank 0 logs
         with inference_model(model) as m:
             row = {"step": step, **validate_generation(m, tokenizer, val, catalog, max_new_tokens=cfg.max_new_tokens,
                                                         n_items=cfg.n_items, compile=cfg.compile,
-                                                        constraint=val_constraint)}
+                                                        constraint_for=constraint_for if cfg.constrained else None,
+                                                        world=world)}
         if not world.is_main:
             return
         append_jsonl(log_path, row)
         tqdm.write(f"step {step}: val NDCG@20 {row['val_ndcg@20']:.4f} R@20 {row['val_recall@20']:.4f} "
                    f"in-catalog {row['val_in_catalog']:.3f}")
 
-    val_constraint = constraint_for(val)
     if step == 0 and cfg.eval_every and not resume_from:
         validate_now()
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.algo, dynamic_ncols=True, disable=not world.is_main)
@@ -282,7 +284,7 @@ def train(cfg, world) -> int:
         # 2-4. score, advantages, segmentation, reference log-probs (under the rollout's constraint)
         batch = prepare_batch(rollout, step_examples, tokenizer, catalog, cfg, reference=reference, autocast=autocast,
                               world=world, constraint=constraint)
-        listing = rollout_metrics(batch, cfg.group_size, cfg.n_items)
+        listing = rollout_metrics(batch, cfg.group_size, cfg.n_items, world)
 
         # 5. mu optimiser steps on this batch
         model.train()

@@ -25,13 +25,15 @@ from rankgrpo.catalog import load_catalog
 from rankgrpo.checkpoint import truncate_log
 from rankgrpo.config import arg, save_config
 from rankgrpo.data import load_examples
-from rankgrpo.distributed import (clip_grad_norm, grad_sync, inference_model, resume_training, run_in_world,
+from rankgrpo.distributed import (World, clip_grad_norm, grad_sync, inference_model, resume_training, run_in_world,
                                   save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.losses import sft_loss
-from rankgrpo.training import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, collate_sft,
-                               cosine_with_warmup, indices_for_step, run_script, sft_logits, share_prompt_prefix,
-                               start_from, tokenize_sft_split, validate_generation)
+from rankgrpo.schedules import cosine_with_warmup
+from rankgrpo.sft_data import collate_sft, sft_logits, tokenize_sft_split
+from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, indices_for_step,
+                              run_script, share_prompt_prefix, start_from)
+from rankgrpo.validation import validate_generation
 
 PRESETS = {
     # the paper (App. C(iii)) for hub models: lr 5e-5, cosine, 5% warm-up, effective batch 384
@@ -86,17 +88,21 @@ class TrainSFTConfig(TrainerConfig):
 
 
 @torch.no_grad()
-def validation_loss(model, samples, pad_id, device, batch_size, autocast, share_prefix) -> float:
+def validation_loss(model, samples, pad_id, device, batch_size, autocast, share_prefix, world: World) -> float:
+    """Token-mean SFT loss (Eq. 2) over ``samples``; under torchrun rank r scores samples r, r + W, ...
+    and the sums are all-reduced, so every rank returns the global figure."""
     model.eval()
+    mine = samples[world.rank::world.size]
     total = count = 0.0
-    for i in range(0, len(samples), batch_size):
-        batch = collate_sft(samples[i:i + batch_size], pad_id, share_prefix).to(device)
+    for i in range(0, len(mine), batch_size):
+        batch = collate_sft(mine[i:i + batch_size], pad_id, share_prefix).to(device)
         with autocast():
             logits = sft_logits(model, batch)
         loss, m = sft_loss(logits, batch.window_labels(), batch.window_ids())
         total += loss.item() * m["n_tokens"]
         count += m["n_tokens"]
     model.train()
+    total, count = world.all_reduce_sum(total), world.all_reduce_sum(count)
     return total / max(count, 1)
 
 
@@ -170,13 +176,13 @@ def train(cfg, world) -> int:
         save_training_checkpoint(world, cfg.out, step, model, tokenizer, optimizer, generator,
                                  {"scheduler": scheduler.state_dict()}, keep_last=cfg.keep_checkpoints)
 
-    def evaluate_now():  # every rank evaluates the whole validation set; rank 0 logs
+    def evaluate_now():  # each rank scores its share of the validation set; the figures are global; rank 0 logs
         with inference_model(model) as m:
             row = {"step": step, "val_loss": validation_loss(m, val_samples, pad_id, cfg.device,
-                                                             cfg.micro_batch_size, autocast, share_prefix)}
+                                                             cfg.micro_batch_size, autocast, share_prefix, world)}
             if cfg.val_gen_examples > 0:
                 row.update(validate_generation(m, tokenizer, val[:cfg.val_gen_examples], catalog,
-                                               max_new_tokens=cfg.max_new_tokens, n_items=cfg.n_items))
+                                               max_new_tokens=cfg.max_new_tokens, n_items=cfg.n_items, world=world))
         if not world.is_main:
             return
         append_jsonl(log_path, row)

@@ -35,7 +35,7 @@ from rankgrpo.models import load_model, load_tokenizer
 from rankgrpo.parsing import parse_recommendations
 from rankgrpo.rewards import rank_relevance, sequence_dcg
 from rankgrpo.segment import decode_completion
-from rankgrpo.training import indices_for_step
+from rankgrpo.trainer import indices_for_step
 
 RESULT_PREFIX = "TRL_RESULT "
 

@@ -131,7 +131,7 @@ def random_model(vocab_size: int, args):
 def part_throughput(args, catalog, tokenizer) -> None:
     from rankgrpo.data import chat_prompt_ids, load_examples
     from rankgrpo.models import load_model
-    from rankgrpo.training import eos_token_ids
+    from rankgrpo.models import eos_token_ids
 
     trie = catalog_trie(catalog, tokenizer)
     if args.model:

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from rankgrpo.data import load_examples  # noqa: E402
 from rankgrpo.losses import sft_loss  # noqa: E402
 from rankgrpo.models import load_model, load_tokenizer  # noqa: E402
-from rankgrpo.training import collate_sft, sft_logits, tokenize_sft  # noqa: E402
+from rankgrpo.sft_data import collate_sft, sft_logits, tokenize_sft  # noqa: E402
 
 
 def main() -> None:

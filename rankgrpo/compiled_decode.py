@@ -24,7 +24,7 @@ What changes against the eager path (the prefill and the choice of each token ar
   (positions not written yet are excluded by the causal rule, since the query sits at cache
   position `prompt width + t`).
 
-Same results. Tokens are drawn by `rankgrpo.sampling.choose_row_tokens` from the real rows'
+Same results. Tokens are drawn by `rankgrpo.next_token.choose_row_tokens` from the real rows'
 float32 logits only, so under one generator the token streams equal those of the eager path
 with compaction off (`compact_fraction=1`), and the behaviour log-probs are recorded the same
 way (same temperature and top-p semantics). Under a list of generators, one per prompt, each
@@ -53,7 +53,8 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from rankgrpo.sampling import _cache_keyword, _prefill, choose_row_tokens
+from rankgrpo.kv_cache import cache_keyword, prefill
+from rankgrpo.next_token import choose_row_tokens
 
 CACHE_BUCKET = 256  # cache positions are rounded up to a multiple of this
 ROW_BUCKET = 64  # rows are rounded up to a power of two below this, to a multiple of it above
@@ -180,7 +181,7 @@ class CompiledDecoder:
         device = next(model.parameters()).device
         self.mode = compile_mode(device)
         self.step = compiled_step(self.mode)
-        self.cache_keyword = _cache_keyword(type(model))
+        self.cache_keyword = cache_keyword(type(model))
         self._graphs_before = _graphs_compiled()
         self._row_steps = 0
         self._live_row_steps = 0
@@ -215,7 +216,7 @@ class CompiledDecoder:
         stop_after_items, line_counter, generator, pad_token_id,
     ):
         device = out.ids.device
-        prefill_cache, logits, prompt_mask, prompt_lengths, index = _prefill(
+        prefill_cache, logits, prompt_mask, prompt_lengths, index = prefill(
             model, [prompts[p] for p in batch], pad_token_id, 0, device
         )
         # Row r of this batch is sample r % G of prompt batch[r // G]; rows B .. R-1 fill the bucket.

@@ -312,3 +312,13 @@ def tiny_model(
         initializer_range=initializer_range,
     )
     return model_from_config(config, seed=seed, dtype=dtype, device=device)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's eos, the model's generation-config eos ids,
+    and the chat template's end-of-turn token (``rankgrpo.models.end_of_turn_ids``; SFT targets
+    end with it, so a base model's tokenizer whose eos differs still stops after SFT)."""
+    ids = {tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)}
+    cfg_eos = model.generation_config.eos_token_id
+    ids.update(cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos])
+    return sorted(i for i in ids if i is not None)

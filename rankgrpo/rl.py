@@ -29,9 +29,10 @@ from rankgrpo.losses import (eos_positions, grpo_loss, group_advantages, gspo_lo
 from rankgrpo.metrics import in_catalog_ratio
 from rankgrpo.parsing import parse_recommendations
 from rankgrpo.rewards import causal_returns, rank_relevance, sequence_dcg
-from rankgrpo.sampling import Rollout, token_logprobs
+from rankgrpo.logprobs import token_logprobs
+from rankgrpo.sampling import Rollout
 from rankgrpo.segment import decode_completion, token_ranks
-from rankgrpo.training import share_prompt_prefix
+from rankgrpo.trainer import share_prompt_prefix
 
 LOGGED_RANKS = (1, 2, 5, 10, 15, 20)
 
@@ -210,20 +211,27 @@ def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int 
         optimizer.zero_grad(set_to_none=True)
         grad_norm = float("nan")
     sync(dev)
+    # a token mean over every rank's completions, not a mean of the ranks' means
+    entropy_sum, n_tokens = world.all_reduce_sum(entropy_sum), world.all_reduce_sum(float(batch.mask.sum().item()))
     return {"loss": total.item(), "grad_norm": grad_norm,
-            "entropy": entropy_sum / max(batch.mask.sum().item(), 1),
+            "entropy": entropy_sum / max(n_tokens, 1.0),
             **{k: v for k, v in _mean_metrics(step_metrics).items() if k != "loss"},
             "time/policy_forward": t_forward}
 
 
-def rollout_metrics(batch: RLBatch, group_size: int, n_items: int) -> dict:
-    """Rewards per rank and list statistics of one rollout, for the log."""
+def rollout_metrics(batch: RLBatch, group_size: int, n_items: int, world: World = World()) -> dict:
+    """Rewards per rank and list statistics of one rollout, for the log.
+
+    Under torchrun every rank holds the same number of rows, so the means here are averaged over
+    ranks by ``World.mean_metrics``; ``reward/dcg_std`` is computed here over every rank's lists,
+    since a mean of the ranks' standard deviations is not the standard deviation of the whole."""
     rel, rewards, ro = batch.scored["rel"], batch.rewards, batch.rollout
     zero_std = (rewards.view(-1, group_size, *rewards.shape[1:]).std(dim=1) == 0).float().mean()
     dcg = sequence_dcg(rel)
+    all_dcg = torch.tensor([x for part in world.gather_objects(dcg.tolist()) for x in part], dtype=torch.float64)
     return {**{f"reward/rank_{k}": rel[:, k - 1].mean().item() for k in LOGGED_RANKS if k <= n_items},
             "reward/rank_mean": rel.mean(0).tolist(),
-            "reward/dcg": dcg.mean().item(), "reward/dcg_std": dcg.std().item(),
+            "reward/dcg": dcg.mean().item(), "reward/dcg_std": all_dcg.std().item(),
             "reward/zero_std_frac": zero_std.item(),
             "items_emitted": float(np.mean(batch.scored["n_lines"])),
             "parse_rate": float(np.mean(batch.scored["parse_rate"])),

@@ -3,6 +3,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rankgrpo.sft_data import SFTSample
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -14,3 +19,18 @@ def script(name, *args, timeout=300):
                          text=True, timeout=timeout)
     assert res.returncode == 0, f"{name} failed:\n{res.stderr[-3000:]}"
     return res.stdout
+
+
+def collate_right_padded(samples: Sequence[SFTSample], pad_token_id: int):
+    """The plain layout the shared-prefix SFT batches are checked against: each row its whole
+    sequence, right-padded. -> input_ids [B, L], attention_mask [B, L] (from lengths), labels_mask [B, L]."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(samples), width), dtype=torch.long)
+    labels = torch.zeros((len(samples), width), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        attn[i, :n] = 1
+        labels[i, :n] = torch.tensor(s.labels_mask)
+    return ids, attn, labels

@@ -207,7 +207,7 @@ def test_compile_flag_reaches_the_sampler(monkeypatch):
     """--compile on train_rankgrpo.py and evaluate.py, and greedy validation passes it on to `sample`."""
     import evaluate
     import train_rankgrpo
-    from rankgrpo import training
+    from rankgrpo import validation
     from rankgrpo.config import parse_config
     from rankgrpo.data import Example
 
@@ -230,13 +230,13 @@ def test_compile_flag_reaches_the_sampler(monkeypatch):
         def decode(self, ids, **_):
             return " ".join(map(str, ids))
 
-    monkeypatch.setattr(training, "sample", fake_sample)
-    monkeypatch.setattr(training, "chat_prompt_ids", lambda tok, ex: [5, 6, 7])
-    monkeypatch.setattr(training, "decode_completion", lambda ids, tok: str(ids))
+    monkeypatch.setattr(validation, "sample", fake_sample)
+    monkeypatch.setattr(validation, "chat_prompt_ids", lambda tok, ex: [5, 6, 7])
+    monkeypatch.setattr(validation, "decode_completion", lambda ids, tok: str(ids))
     model = tiny_model("qwen2", VOCAB)
     examples = [Example(id="0", messages=[{"role": "user", "content": "hi"}], seen_titles=[], groundtruth=[])]
     for flag in (True, False):
-        training.greedy_completions(model, Tok(), examples, max_new_tokens=2, compile=flag)
+        validation.greedy_completions(model, Tok(), examples, max_new_tokens=2, compile=flag)
     assert seen == [True, False]
 
 

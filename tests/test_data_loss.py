@@ -12,7 +12,8 @@ import pytest
 from rankgrpo.data import DataError, build_prompt, chat_prompt_ids, load_examples
 from rankgrpo.models import ChatTemplateError, end_of_turn_ids, set_chat_template, tiny_model
 from rankgrpo.sandbox.model import build_tokenizer
-from rankgrpo.training import CompletionTooLong, eos_token_ids, tokenize_sft, tokenize_sft_split
+from rankgrpo.models import eos_token_ids
+from rankgrpo.sft_data import CompletionTooLong, tokenize_sft, tokenize_sft_split
 
 LIST = "\n".join(f"Film Number {i} ({1980 + i})" for i in range(20))
 CONVERSATION = "USER: " + " ".join(["I liked Heat (1995) and the long heist scenes."] * 30) + "\n"

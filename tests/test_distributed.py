@@ -138,6 +138,10 @@ def test_sft_two_processes_equal_one(world, tmp_path, mode):  # noqa: F811
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in log_rows(tmp_path / "ddp")] == pytest.approx(
             [r[key] for r in log_rows(tmp_path / "one")], rel=1e-4), key
+    # the validation loss and greedy metrics, each rank scoring its share: the global figures
+    (x,), (y,) = validation_rows(tmp_path / "one"), validation_rows(tmp_path / "ddp")
+    assert x.keys() == y.keys() and y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-5)
+    assert all(y[k] == x[k] for k in x if k.startswith("val_") and k != "val_loss")
 
 
 @pytest.fixture(scope="module")
@@ -149,17 +153,30 @@ def sft_model(world, tmp_path_factory):  # noqa: F811
 
 def rl(world, model, out, aggregation, steps):  # noqa: F811
     # 4 prompts x G = 4: 16 rows; micro-batches of 4 rows (4 per step in one process, 2 per rank)
+    # validation at step 0 and at the end: each rank generates for half of the prompts
     return rl_args(world, model, out, steps, prompts_per_step=4, group_size=4, micro_batch_size=4, mu=2,
-                   beta=0.05, aggregation=aggregation, max_new_tokens=48, save_every=1)
+                   beta=0.05, aggregation=aggregation, max_new_tokens=48, save_every=1, eval_every=steps)
+
+
+def validation_rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if '"val_' in line]
 
 
 def same_rollouts_and_global_means(a, b):
     ra, rb = log_rows(a), log_rows(b)
     assert len(ra) == len(rb)
     for x, y in zip(ra, rb):
-        for key in ("reward/rank_mean", "completion_tokens", "items_emitted", "ended_with_eos", "loss", "kl"):
+        # entropy is a token mean and dcg_std a standard deviation over all lists: global values,
+        # not means of the two ranks' values (which differ from these)
+        for key in ("reward/rank_mean", "completion_tokens", "items_emitted", "ended_with_eos", "loss", "kl",
+                    "entropy", "reward/dcg_std"):
             assert y[key] == pytest.approx(x[key], abs=1e-6), key
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)  # the gradient's scale (Adam hides it)
+    # validation split over the ranks and gathered: the same figures as one process validating all
+    va, vb = validation_rows(a), validation_rows(b)
+    assert len(va) == len(vb) == 2
+    for x, y in zip(va, vb):
+        assert x.keys() == y.keys() and all(y[k] == pytest.approx(x[k], abs=1e-12) for k in x)
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def test_checkpoint_with_another_tokenizer_is_refused_before_work(tmp_path):
     import pytest
 
     from rankgrpo.models import load_tokenizer, tiny_model
-    from rankgrpo.training import check_tokenizer_matches
+    from rankgrpo.trainer import check_tokenizer_matches
 
     world = tmp_path / "world"
     build_world(SandboxConfig(n_films=200, n_train=5, n_validation=1, n_test=1, hidden_size=32, num_layers=1,

@@ -18,7 +18,8 @@ from rankgrpo.losses import sft_loss
 from rankgrpo.models import load_model, load_tokenizer
 from rankgrpo.parsing import format_recommendations
 from rankgrpo.sandbox import SandboxConfig, build_world
-from rankgrpo.training import collate_right_padded, tokenize_sft
+from rankgrpo.sft_data import tokenize_sft
+from helpers import collate_right_padded
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -14,18 +14,10 @@ from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rankgrpo.models import load_model, load_tokenizer, qwen25_05b_config, tiny_model
-from rankgrpo.sampling import (
-    Rollout,
-    entropy_from_logits,
-    left_pad,
-    newline_counts_from_tokenizer,
-    positions_from_mask,
-    sample,
-    selective_log_softmax,
-    token_entropy,
-    token_logprobs,
-    top_p_logprobs,
-)
+from rankgrpo.kv_cache import left_pad, positions_from_mask
+from rankgrpo.logprobs import entropy_from_logits, selective_log_softmax
+from rankgrpo.next_token import top_p_logprobs
+from rankgrpo.sampling import Rollout, newline_counts_from_tokenizer, sample, token_logprobs
 
 VOCAB = 128
 ARCHS = ["qwen2", "llama"]
@@ -198,9 +190,10 @@ def test_entropy_is_the_true_entropy(smooth_model):
     rollout = sample(smooth_model, random_prompts([5, 2]), group_size=2, max_new_tokens=4,
                      eos_token_ids=1, generator=torch.Generator().manual_seed(0))
     inputs = rollout.model_inputs()
-    h = token_entropy(smooth_model, *inputs)
-    _, h2 = token_logprobs(smooth_model, *inputs, return_entropy=True)
-    assert h.shape == rollout.completion_ids.shape and torch.allclose(h, h2)
+    _, h = token_logprobs(smooth_model, *inputs, return_entropy=True)
+    logits = smooth_model(input_ids=inputs[0], attention_mask=inputs[1],
+                          position_ids=positions_from_mask(inputs[1])).logits[:, inputs[2] - 1:-1]
+    assert h.shape == rollout.completion_ids.shape and torch.allclose(h, entropy_from_logits(logits), atol=1e-5)
     assert (h > 0).all() and (h <= math.log(VOCAB) + 1e-4).all()
 
 

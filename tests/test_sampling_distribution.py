@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from rankgrpo.models import tiny_model
-from rankgrpo.sampling import choose_tokens, sample, top_p_logprobs
+from rankgrpo.next_token import choose_tokens, top_p_logprobs
+from rankgrpo.sampling import sample
 
 N_DRAWS = 40_000
 ALPHA = 1e-6

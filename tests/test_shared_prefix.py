@@ -6,8 +6,10 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rankgrpo.losses import sft_loss
-from rankgrpo.sampling import left_pad, move_shared_prefix_left, positions_from_mask, token_logprobs
-from rankgrpo.training import SFTSample, collate_right_padded, collate_sft, sft_logits, shared_prefix_length
+from rankgrpo.kv_cache import left_pad, move_shared_prefix_left, positions_from_mask
+from rankgrpo.logprobs import token_logprobs
+from rankgrpo.sft_data import SFTSample, collate_sft, sft_logits, shared_prefix_length
+from helpers import collate_right_padded
 
 PAD = 0
 

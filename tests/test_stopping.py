@@ -99,7 +99,7 @@ def test_sampler_stops_after_n_lines_with_text(arch):
 
 def test_greedy_evaluation_stops_on_lines_with_text(monkeypatch):
     """greedy_completions wires the text-line counter into the sampler (blank lines never count)."""
-    from rankgrpo import training
+    from rankgrpo import validation
     from rankgrpo.data import Example
 
     vocab = 64
@@ -107,17 +107,17 @@ def test_greedy_evaluation_stops_on_lines_with_text(monkeypatch):
     blanks = ["\n", "\n\n", " \n", "\n ", "\t\n", "\n\t", "  \n", "\n  ", "\n\n\n"]
     tok = word_tokenizer(["<eos>"] + blanks + [f"w{i}\n" for i in range(10, 15)] + [f"w{i}" for i in range(15, vocab)])
     # no chat template on this tokenizer: prompts are given as ids
-    monkeypatch.setattr(training, "chat_prompt_ids", lambda tokenizer, ex: [15 + int(ex.id), 3, 40 - int(ex.id)])
+    monkeypatch.setattr(validation, "chat_prompt_ids", lambda tokenizer, ex: [15 + int(ex.id), 3, 40 - int(ex.id)])
     examples = [Example(id=str(i), messages=[{"role": "user", "content": f"p{i}"}], seen_titles=[], groundtruth=[])
                 for i in range(12)]
-    texts = training.greedy_completions(model, tok, examples, max_new_tokens=80, stop_after_items=3)
+    texts = validation.greedy_completions(model, tok, examples, max_new_tokens=80, stop_after_items=3)
     counts = [count_item_lines(t) for t in texts]
     assert max(counts) == 3
     assert any(c == 3 and t.count("\n") > 3 for c, t in zip(counts, texts)), texts
 
 
 def test_validation_leaves_room_for_filtered_items(monkeypatch):
-    from rankgrpo import training
+    from rankgrpo import validation
 
     seen = {}
 
@@ -125,6 +125,6 @@ def test_validation_leaves_room_for_filtered_items(monkeypatch):
         seen.update(kwargs)
         return ["" for _ in examples]
 
-    monkeypatch.setattr(training, "greedy_completions", fake_greedy)
-    training.validate_generation(None, None, [], None, max_new_tokens=1024, n_items=20)
+    monkeypatch.setattr(validation, "greedy_completions", fake_greedy)
+    validation.validate_generation(None, None, [], None, max_new_tokens=1024, n_items=20)
     assert seen["stop_after_items"] == 30 and seen["max_new_tokens"] == 1024

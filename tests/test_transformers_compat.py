@@ -15,7 +15,8 @@ import transformers
 from packaging.version import Version
 
 from rankgrpo.models import tiny_model
-from rankgrpo.sampling import cache_argument, sample
+from rankgrpo.kv_cache import cache_argument
+from rankgrpo.sampling import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from rankgrpo.data import chat_prompt_ids
 from rankgrpo.models import load_model, load_tokenizer
 from rankgrpo.sampling import sample, token_logprobs
 from rankgrpo.segment import token_ranks
-from rankgrpo.training import eos_token_ids
+from rankgrpo.models import eos_token_ids
 
 pytestmark = pytest.mark.real
 

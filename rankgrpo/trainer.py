@@ -1,0 +1,179 @@
+"""What both trainers share before and around the training loop: the common config fields, the
+data order of each step, whether the prompt prefix is shared, the non-finite-loss guard, and the
+checks and model loading that run before any work starts."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from rankgrpo.config import ConfigError, arg, flag_name, run_cli
+
+
+@dataclass
+class TrainerConfig:
+    """Fields both trainers share (each script's config inherits them)."""
+
+    preset: str = arg("sandbox", "Defaults of the fields left at 0: 'paper' (hub models) or 'sandbox' (the tiny "
+                                 "sandbox model).", choices=["paper", "sandbox"])
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm (0: no clipping).", min=0)
+    bf16: bool = arg(False, "bfloat16 autocast (GPU).")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to save memory.")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "Device.")
+    seed: int = arg(3407, "Seed of every RNG (the paper's).", min=0)
+    keep_checkpoints: int = arg(2, "Checkpoints kept on disk (0: all).", min=0)
+    resume: bool = arg(False, "Continue from the newest checkpoint in --out.")
+    max_nonfinite: int = arg(5, "Abort after this many non-finite losses in a row.", min=1)
+    chat_template: str = arg("", "Chat template for a tokenizer that has none (or to replace its own): a built-in "
+                                 "name ('chatml') or a Jinja file. Saved with the checkpoints.")
+    fsdp: bool = arg(False, "Under torchrun: shard parameters, gradients and optimizer state over the processes "
+                            "(FSDP2) instead of replicating the model on each (DDP).")
+
+    def apply_preset(self, presets: dict[str, dict]) -> None:
+        """Fill every field still at 0 from ``presets[self.preset]`` (the resolved values are what
+        ``save_config`` writes)."""
+        names = {f.name for f in fields(self)}
+        for name, value in presets[self.preset].items():
+            if name not in names:
+                raise KeyError(f"preset {self.preset!r} sets unknown field {name!r}")
+            if not getattr(self, name):
+                setattr(self, name, value)
+
+
+def indices_for_step(step: int, n: int, per_step: int, seed: int) -> list[int]:
+    """Example indices used at step ``step``: a fresh permutation per epoch drawn from (seed, epoch)
+    alone, so the data position is a function of the step and a resumed run sees the same data.
+
+    >>> sorted(indices_for_step(0, 6, 3, seed=1) + indices_for_step(1, 6, 3, seed=1))   # one epoch
+    [0, 1, 2, 3, 4, 5]
+    """
+    per_epoch = max(1, n // per_step)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[i * per_step:(i + 1) * per_step].tolist()
+
+
+def share_prompt_prefix(cfg, world) -> bool:
+    """Whether a trainer's forward passes run the rows' shared prompt prefix once
+    (``--share-prompt-prefix``); `prefix_sharing_off_reason` says why not when it is asked for."""
+    return cfg.share_prompt_prefix and prefix_sharing_off_reason(cfg, world) is None
+
+
+def prefix_sharing_off_reason(cfg, world) -> str | None:
+    """Why ``--share-prompt-prefix`` cannot apply to this run, or None when it can.
+
+    - Under FSDP2 the backward pass gathers a layer's weights only through the layer's outputs,
+      which the gradient through the prefix's key/value cache bypasses.
+    - Under ``--gradient-checkpointing`` transformers drops the key/value cache of every layer it
+      checkpoints (the recomputation in the backward pass would write it a second time), so the
+      rows could not attend to the prefix.
+    """
+    if world.mode == "fsdp":
+        return "--fsdp"
+    if cfg.gradient_checkpointing:
+        return "--gradient-checkpointing"
+    return None
+
+
+def announce_prefix_sharing(cfg, world, trainer: str) -> None:
+    """Say once, on the main process, that a requested ``--share-prompt-prefix`` is off and why."""
+    reason = prefix_sharing_off_reason(cfg, world) if cfg.share_prompt_prefix else None
+    if reason and world.is_main:
+        print(f"{trainer}: --share-prompt-prefix is off under {reason} (see --help); every row runs its whole prompt")
+
+
+class NonFiniteGuard:
+    """Skip a step whose loss is not finite; abort after ``max_in_a_row`` consecutive skips."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.total = 0
+
+    def ok(self, loss: torch.Tensor, step: int) -> bool:
+        if torch.isfinite(loss).all():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        warnings.warn(f"step {step}: non-finite loss ({loss.item()}); step skipped "
+                      f"({self.in_a_row} in a row, {self.total} in total)")
+        if self.in_a_row >= self.max_in_a_row:
+            raise RuntimeError(f"step {step}: {self.in_a_row} non-finite losses in a row; aborting "
+                               "(lower the learning rate or check the data)")
+        return False
+
+
+def check_paths(**paths: str) -> None:
+    """Fail before any work if an input path is missing."""
+    for name, p in paths.items():
+        if p and not Path(p).exists():
+            raise ConfigError(f"{flag_name(name)} {p}: no such file or directory")
+
+
+def check_model_source(flag: str, value: str) -> None:
+    """Fail before any work on a model that cannot load: a local path that is missing or is not a
+    model directory. A string shaped like a hub name ("org/name") that is not a local path is
+    left to ``from_pretrained``, unless HF_HUB_OFFLINE forbids fetching it."""
+    path = Path(os.path.expanduser(value))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{flag} {value}: not a model directory (no config.json)")
+        return
+    hub_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value) is not None
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if not hub_name or offline:
+        why = " (HF_HUB_OFFLINE is set, so it is not fetched as a hub name)" if hub_name else ""
+        raise ConfigError(f"{flag} {value}: no such directory{why}")
+
+
+def load_for_cli(flag: str, source: str, chat_template: str = "", *, dtype="float32", device="cpu"):
+    """(tokenizer, model) for a script: any failure to load is a ``ConfigError`` naming the flag
+    and the path; the tokenizer gets ``--chat-template`` or must have a template of its own."""
+    from rankgrpo.models import ChatTemplateError, load_model, load_tokenizer, set_chat_template
+
+    try:
+        tokenizer = load_tokenizer(source)
+        set_chat_template(tokenizer, chat_template, source)
+        model = load_model(source, dtype=dtype, device=device)
+    except ChatTemplateError as e:
+        raise ConfigError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag} {source}: cannot load the model or its tokenizer: {e}") from None
+    check_tokenizer_matches(model, tokenizer, source)
+    return tokenizer, model
+
+
+def check_tokenizer_matches(model, tokenizer, where: str) -> None:
+    """A checkpoint saved with another tokenizer has a different embedding size or special ids."""
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_emb:
+        raise SystemExit(f"error: {where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                         f"{n_emb} rows; the checkpoint was trained with a different tokenizer")
+
+
+def run_script(config_cls, run, argv=None) -> int:
+    """Parse the script's config and run it; bad flags, files, rows or catalogs end with one clear
+    line and exit 2 (``rankgrpo.config.run_cli``)."""
+    return run_cli(config_cls, run, argv)
+
+
+def start_from(cfg):
+    """Seed everything and load the policy to train: the newest checkpoint of ``cfg.out`` with
+    ``--resume``, else ``cfg.model``. Returns (resume_from or None, sampler generator, tokenizer, model)."""
+    from rankgrpo.checkpoint import latest_checkpoint, seed_everything
+
+    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        print(f"--resume: no checkpoint in {cfg.out}; starting from {cfg.model}", file=sys.stderr)
+    source = str(resume_from or cfg.model)
+    flag = "--resume" if resume_from else "--model"
+    check_model_source(flag, source)
+    generator = seed_everything(cfg.seed)
+    tokenizer, model = load_for_cli(flag, source, cfg.chat_template, device=cfg.device)
+    return resume_from, generator, tokenizer, model
