@@ -455,7 +455,7 @@ def greedy_completions(model, tokenizer, examples: Sequence[Example], *, max_new
                        progress: bool = False, compile: bool = False, constraint=None) -> list[str]:
     """Greedy lists, generated once per unique prompt and shared by examples with that prompt.
 
-    A row stops at its eos or at ``max_new_tokens`` (the paper: 1,024, PAPER.md 8.2), or, with
+    A row stops at its eos or at ``max_new_tokens`` (the authors' eval scripts: 1,024), or, with
     ``stop_after_items``, once it has closed that many lines holding text
     (``rankgrpo.stopping.ItemLineCounter``: blank lines never count; a preamble line does).
     Give N plus a margin for the lines the scoring drops (preamble, seen, out-of-catalog and
