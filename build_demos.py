@@ -1,4 +1,4 @@
-"""Stage 1, demonstrations: Remap-Reflect-Adjust (PAPER.md section 4) -> SFT data in the data format.
+"""Stage 1, demonstrations: Remap-Reflect-Adjust (§2.2, App. A) -> SFT data in the data format.
 
     python build_demos.py                                   # the sandbox (builds sandbox_world/ if missing)
     python build_demos.py --teacher openai --base-url https://api.openai.com/v1 --model gpt-4o \\
@@ -30,7 +30,7 @@ also counts teacher and judge failures, unparsed judge lines and missing ratings
 every demonstration (N lines "Title (YYYY)", in the catalog, no title the user mentioned),
 and keeps the time of every stage.
 
-Ablations (PAPER.md Table 2; ``rankgrpo.demos.rra`` has the details):
+Ablations (the paper's Table 2; ``rankgrpo.demos.rra`` has the details):
 ``--no-remap-reflect`` keeps the raw list's in-catalog items (exact identity, year within
 ``--identity-year-tolerance``; out-of-catalog items dropped) at 1/sqrt(k) and lets Adjust rank
 them and fill the free places; ``--no-reflect`` skips the judge; ``--no-adjust`` writes the
@@ -67,7 +67,7 @@ STAGE_NAMES = {"raw": "teacher (raw)", "identity": "identity map", "remap": "rem
 
 @dataclass
 class BuildDemosConfig(RRAConfig):
-    """Build SFT demonstrations with Remap-Reflect-Adjust (PAPER.md section 4)."""
+    """Build SFT demonstrations with Remap-Reflect-Adjust (§2.2, App. A)."""
 
     # ---- data
     world: str = arg("sandbox_world", "Sandbox world directory, built there when missing and needed (the "

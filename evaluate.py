@@ -1,6 +1,6 @@
 """Evaluate recommendation lists: Recall@k / NDCG@k with standard errors, in-catalog and format ratios.
 
-Three ways in (PAPER.md section 8):
+Three ways in (§3):
 
     # greedy lists from a checkpoint (our sampler, once per unique prompt), scored on a split
     python evaluate.py --model runs/rankgrpo/final --data sandbox_world/test.jsonl --name rank-grpo --out runs/eval/rl
@@ -12,9 +12,9 @@ Three ways in (PAPER.md section 8):
     # several finished evaluations in one table (and one per-rank hit plot with --plot)
     python evaluate.py --compare runs/eval/sft runs/eval/rl --plot --out runs/eval
 
-Scoring (--protocol): "paper" (default) is the authors' evaluate_direct_match exactly (PAPER.md 8.4):
+Scoring (--protocol): "paper" (default) is the authors' libs/metrics.py::evaluate_direct_match exactly:
 seen titles removed by exact string, the catalog filter on the exact (title, year) pair, hits by exact,
-case-sensitive titles within 2 years, the authors' IDCG, and the in-catalog ratio of PAPER.md 8.5.
+case-sensitive titles within 2 years, the authors' IDCG, and their in-catalog ratio.
 "lenient" matches the way the training reward does (case-folded titles, year-tolerant catalog, one-to-one
 matching) with the textbook IDCG. Generation (--model) is greedy until <eos> or --max-new-tokens (the
 paper: 1,024); --stop-after-items N also stops a list after N lines with text (give N > --n-items).
@@ -40,7 +40,7 @@ from rankgrpo.metrics import format_table, paired_difference
 
 @dataclass
 class EvaluateConfig:
-    """Score recommendation lists against ground truth (PAPER.md section 8)."""
+    """Score recommendation lists against ground truth (§3)."""
 
     data: str = arg("sandbox_world/test.jsonl", "Examples (JSONL / JSON) with prompts, seen titles and ground truths.")
     catalog: str = arg("sandbox_world/catalog.jsonl", "Catalog file (.jsonl, .tsv, or the authors' .pkl).")
@@ -54,7 +54,7 @@ class EvaluateConfig:
     json: str = arg("", "Also write the aggregate numbers to this JSON file.")
     limit: int = arg(0, "Score only the first LIMIT examples (0: all).", min=0)
     protocol: str = arg("paper", "'paper': the authors' evaluate_direct_match exactly (exact titles, exact "
-                                 "(title, year) catalog filter, their IDCG; PAPER.md 8.4-8.5); 'lenient': "
+                                 "(title, year) catalog filter, their IDCG and in-catalog ratio); 'lenient': "
                                  "the reward's matching (case-folded titles, year-tolerant catalog) and the "
                                  "textbook IDCG.", choices=["paper", "lenient"])
     positions: str = arg("shift", "'shift': drop seen/out-of-catalog items then cut at k (the authors' "

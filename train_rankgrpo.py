@@ -4,7 +4,7 @@ One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
   1. rollout:   B prompts x G completions from our sampler (behaviour policy = current weights)
   2. score:     one parse per completion -> rel_k -> per-rank causal returns (Rank-GRPO, Eq. 8/9)
                 or the list DCG@N (GRPO / GSPO, Eq. 3)
-  3. advantage: normalised over the G samples of each prompt, per rank (§6.6)
+  3. advantage: normalised over the G samples of each prompt, per rank (Eq. 6)
   4. segment:   token -> rank ids from the same parse (the completion text is decoded once)
   5. update:    mu optimiser steps on this batch (mu = 1 on-policy; mu = 2 reuses it with the
                 old log-probs stored at the first pass), loss = rank_grpo_loss / grpo_loss / gspo_loss
@@ -48,7 +48,7 @@ from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sha
 from rankgrpo.validation import validate_generation
 
 PRESETS = {
-    # the paper (App. C, §7): 48 prompts x G = 8 = 384 completions per step, lr 1e-6, 1024 new tokens
+    # the paper (App. C): 48 prompts x G = 8 = 384 completions per step, lr 1e-6, 1024 new tokens
     "paper": dict(lr=1e-6, prompts_per_step=48, micro_batch_size=16, max_new_tokens=1024, steps=15800),
     # the sandbox's tiny model: fewer prompts, a larger lr, short lists
     "sandbox": dict(lr=2e-5, prompts_per_step=8, micro_batch_size=64, max_new_tokens=180, steps=60),
@@ -57,7 +57,7 @@ PRESETS = {
 
 @dataclass
 class TrainRankGRPOConfig(TrainerConfig):
-    """Rank-GRPO / GRPO / GSPO training from an SFT checkpoint (PAPER.md section 6)."""
+    """Rank-GRPO / GRPO / GSPO training from an SFT checkpoint (§2.3)."""
 
     model: str = arg("runs/sft/final", "Starting policy (the SFT checkpoint); also the frozen reference.")
     data: str = arg("sandbox_world/train.jsonl", "RL prompts with ground truths (examples JSONL).")

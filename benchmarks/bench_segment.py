@@ -7,7 +7,7 @@ optimiser step of the paper: 48 prompts x G=8) with
     cumulative sum (the table is built and checked once per tokenizer; that one-off cost is
     printed separately);
   * the general path: `token_ranks(..., method="general")`, one decode per token prefix;
-  * the authors' loop (PAPER.md 6.13): `tok.decode([id])` for every token in Python, counting
+  * the authors' loop (`_segment_items_from_tokens`): `tok.decode([id])` for every token in Python, counting
     the "\\n" it holds.
 
     python benchmarks/bench_segment.py [--rows 384] [--tokens 400] [--vocab 8192] [--threads 1]

@@ -116,7 +116,7 @@ class Catalog:
         self.report = report or CatalogReport()
         self._by_key: dict[tuple[str, int], int] = {}
         self._by_title: dict[str, list[int]] = {}
-        # The authors' evaluation looks up raw strings (PAPER.md 8.4, 8.5); these sets hold every
+        # The authors' evaluation looks up raw strings (libs/metrics.py, evaluate/); these sets hold every
         # loaded row, also the case variants that the normalised index keeps only once.
         self._exact: set[tuple[str, int]] = set()
         self._years_by_lower: dict[str, set[int]] = {}
@@ -160,7 +160,7 @@ class Catalog:
         return None
 
     def contains_exact(self, title: str, year: int | None) -> bool:
-        """The authors' catalog filter (PAPER.md 8.4): the exact ``(title, int year)`` tuple is a row.
+        """The authors' ``remove_gt_catalog``: the exact ``(title, int year)`` tuple is a row.
 
         No normalisation, no year tolerance: ``("heat", 1995)`` and ``("Heat", 1996)`` are not
         ``("Heat", 1995)``. Titles are compared as loaded (rows are stripped of surrounding space).
@@ -168,7 +168,7 @@ class Catalog:
         return year is not None and (title, year) in self._exact
 
     def contains_lowercase(self, title: str, year: int | None, tolerance: int = 2) -> bool:
-        """The authors' in-catalog test (PAPER.md 8.5): ``title.lower()`` equals a lower-cased
+        """The authors' in-catalog test (``eval_grpo_val.py``): ``title.lower()`` equals a lower-cased
         catalog title whose year is within ``tolerance``."""
         if year is None:
             return False

@@ -1,7 +1,7 @@
 """Catalog-constrained decoding: every line the sampler writes is a catalog line, none twice.
 
 The paper's student (like every model in this field) can name films that do not exist; its
-in-catalog ratio drifts during RL (PAPER.md section 8.5). Since we own the sampling loop, we
+in-catalog ratio drifts during RL (Fig. 6). Since we own the sampling loop, we
 can rule that out: at every step the logits of the tokens that cannot continue a catalog
 line are set to -inf and the rest are renormalised.
 

@@ -84,7 +84,7 @@ class ExampleList(list):
 
 
 def build_prompt(conversation: str, n_items: int = N_ITEMS) -> str:
-    """The paper's recommendation prompt (PAPER.md section 2), with the dialogue substituted.
+    """The paper's recommendation prompt (App. D.1), with the dialogue substituted.
 
     >>> build_prompt("USER: Something like Alien?\\n").splitlines()[-1]
     'Here is the conversation: USER: Something like Alien?'

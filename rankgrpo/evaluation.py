@@ -58,7 +58,7 @@ def score_examples(examples: Sequence[Example], completions: Sequence[str], cata
     """Parse and score every completion once. Returns (aggregate, per-example rows).
 
     protocol="paper" (default): the authors' ``evaluate_direct_match`` and in-catalog ratio
-    (PAPER.md 8.4, 8.5); "lenient": the reward's matching with the textbook IDCG
+    (``libs/metrics.py``, ``evaluate/``); "lenient": the reward's matching with the textbook IDCG
     (``rankgrpo.metrics``). Every parsed line counts, also those past ``n_items``: filtered
     items make room for later ones, as in the authors' evaluation.
     """

@@ -2,7 +2,7 @@
 
 Pure functions: tensors in, ``(loss, metrics)`` out; every coefficient is an argument.
 Shapes: B completions (prompts x G), T completion tokens, N ranks (list length, 20 in the
-paper), V vocabulary. Symbols follow PAPER.md section 6: w is an importance ratio, A (Â)
+paper), V vocabulary. Symbols follow the paper's §2.3: w is an importance ratio, A (Â)
 an advantage, eps_low / eps_high the clip range, beta the KL coefficient.
 
 Masking is exact: values at positions outside the mask are replaced (``torch.where``) before
@@ -15,11 +15,11 @@ loss or its gradient.
 | Eq. 3 / 4, GRPO: token ratio, one advantage per list | ``grpo_loss`` |
 | GSPO (App. B Eq. 15): list-level geometric-mean ratio | ``gspo_loss`` |
 | Eq. 6, Rank-GRPO objective (gradient Eq. 7) | ``rank_grpo_loss`` |
-| §6.6, rank-level advantage over the G samples | ``group_advantages`` |
-| §6.7, rank-level geometric-mean ratio (log) | ``rank_log_ratio`` (+ ``rank_token_counts``) |
-| §6.10, k3 KL estimator | ``k3_kl`` |
-| §6.11, length shaping eps_o / eps_u | ``rank_grpo_loss`` keywords; ``eos_positions`` |
-| §6.10 / §12.1, aggregation, accumulation | ``rank_grpo_loss(aggregation=, denom=)``, ``loss_denominator`` |
+| Eq. 6, rank-level advantage over the G samples | ``group_advantages`` |
+| Eq. 6, rank-level geometric-mean ratio (log) | ``rank_log_ratio`` (+ ``rank_token_counts``) |
+| App. C, k3 KL estimator (beta = 1e-3) | ``k3_kl`` |
+| §2.3.3, length shaping eps_o / eps_u | ``rank_grpo_loss`` keywords; ``eos_positions`` |
+| Eq. 6 (authors' code: per token), aggregation | ``rank_grpo_loss(aggregation=, denom=)``, ``loss_denominator`` |
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ AGGREGATIONS = ("rank_mean", "token_mean")
 # ---------------------------------------------------------------------------------------
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Rank-level advantage (PAPER.md §6.6): z-score over the G samples of each prompt.
+    """Rank-level advantage (Eq. 6): z-score over the G samples of each prompt.
 
         Â[p, i, k] = (r[p, i, k] - mean_i r[p, :, k]) / (std_i r[p, :, k] + eps)
 
@@ -96,7 +96,7 @@ def rank_token_counts(rank_ids: torch.Tensor, mask: torch.Tensor, n_ranks: int) 
 
 def rank_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, rank_ids: torch.Tensor,
                    mask: torch.Tensor, n_ranks: int) -> torch.Tensor:
-    """log w_{i,k}: per-rank mean of the token log-ratios (PAPER.md §6.7).
+    """log w_{i,k}: per-rank mean of the token log-ratios (Eq. 6, Eq. 7).
 
         log w_k = (1/|y^(k)|) Σ_{t in rank k} (log π_θ(y_t) - log π_old(y_t))
 
@@ -123,7 +123,7 @@ def rank_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, rank_ids: torch.T
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(π_θ || π_ref) (PAPER.md §6.10): exp(r) - r - 1, r = log π_ref - log π_θ.
+    """Per-token k3 estimator of KL(π_θ || π_ref) (App. C): exp(r) - r - 1, r = log π_ref - log π_θ.
 
     logp, ref_logp, mask: [B, T]. Returns [B, T], exactly 0 outside the mask. Non-negative;
     its value is unbiased for the KL under samples from π_θ.
@@ -200,7 +200,7 @@ def _premature_stops(rank_ids, mask, eos_index, n_ranks):
 def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
                    eps_low=0.06, eps_high=0.08, beta=1e-3, aggregation="rank_mean",
                    overflow_penalty=-0.1, early_stop_penalty=-0.1, eos_index=None, denom=None):
-    """Rank-GRPO loss = -J (Eq. 6) + beta * KL, with optional length shaping (§6.11).
+    """Rank-GRPO loss = -J (Eq. 6) + beta * KL, with optional length shaping (§2.3.3).
 
     Inputs (B = prompts x G, T completion tokens, N = advantages.shape[-1]):
       logp, old_logp, ref_logp: [B, T] log π_θ / π_old / π_ref of the sampled tokens
@@ -412,7 +412,7 @@ def grpo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=0.2, eps_hi
 
 
 def gspo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=3e-4, eps_high=4e-4, beta=1e-3, denom=None):
-    """GSPO loss (PAPER.md §6.3): one geometric-mean ratio and one advantage per list.
+    """GSPO loss (App. B Eq. 15, App. C): one geometric-mean ratio and one advantage per list.
 
         s_i = exp((1/|y_i|) Σ_t (log π_θ(y_it) - log π_old(y_it)))
         loss = -(1/D) Σ_i min(s_i Â_i, clip(s_i, 1-eps_low, 1+eps_high) Â_i)

@@ -1,8 +1,8 @@
-"""Relevance hits, Recall@k, NDCG@k, in-catalog and format-valid ratios (PAPER.md sections 6.1, 8).
+"""Relevance hits, Recall@k, NDCG@k, in-catalog and format-valid ratios (§2.3.1, §3).
 
 Two protocols (``protocol=``), i.e. two rules for which recommendation hits which ground truth:
 
-``"paper"`` (the default) -- the authors' ``evaluate_direct_match`` exactly (PAPER.md 8.4):
+``"paper"`` (the default) -- the authors' ``libs/metrics.py::evaluate_direct_match`` exactly:
 
 1. only parsed items count (a line with a title and a "(YYYY)");
 2. seen removal: the title string is exactly one of ``seen_titles``;
@@ -41,7 +41,7 @@ Two position views:
   the list shift up, then cut at k. Hits ``[len(kept list)]``.
 * ``positions="fixed"`` -- every item keeps its generated rank; dropped items score 0 in
   place. ``protocol="lenient"`` at fixed positions is the training reward's rule
-  (``rankgrpo.rewards.rank_relevance``, PAPER.md 6.1); ``protocol="paper"`` gives the
+  (``rankgrpo.rewards.rank_relevance``, §2.3.1); ``protocol="paper"`` gives the
   per-rank hit curve under the authors' rule. Hits ``[len(recs)]``.
 
 Worked example (k = 5, ground truth {Heat 1995, Alien 1979}, seen {Ran}, either protocol)::
@@ -111,7 +111,7 @@ def hits(recs, groundtruth, seen_titles, catalog: Catalog, *, year_tolerance: in
 
 
 def _paper_hits(pairs, groundtruth, seen_titles, catalog: Catalog, year_tolerance: int, positions: str):
-    """``evaluate_direct_match``'s hit vector (PAPER.md 8.4 steps 1-5)."""
+    """``evaluate_direct_match``'s hit vector (parse, seen and catalog filters, shift, match)."""
     seen = set(seen_titles)
     kept = [i for i, (title, year, parsed) in enumerate(pairs)
             if parsed and title not in seen and catalog.contains_exact(title, year)]
@@ -198,7 +198,7 @@ def ndcg_at_k(hits: np.ndarray, n_groundtruth: int, k: int, ideal: str = "standa
 
 def in_catalog_ratio(items: Sequence[Item], catalog: Catalog, *, year_tolerance: int = 2,
                      n_items: int = 20, protocol: str = "paper") -> float:
-    """Share of parsed items that are catalog items; 0 when nothing parsed (PAPER.md 8.5).
+    """Share of parsed items that are catalog items; 0 when nothing parsed (Fig. 1, Fig. 6).
 
     protocol="paper": the authors' eval scripts -- the first ``n_items`` *parsed* items, each
     in the catalog when its lower-cased title equals a lower-cased catalog title whose year is

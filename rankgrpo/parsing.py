@@ -2,7 +2,7 @@
 
 Rewards, metrics and token segmentation all read the list this module returns, so the
 reward of rank k and the tokens of rank k can never refer to different lines (the
-authors' segmentation and reward parser can disagree; see PAPER.md section 12.3).
+authors' segmentation and reward parser can disagree: ``_segment_items_from_tokens`` vs ``process_rec_raw``).
 
 Rule: split the completion on "\\n"; **line k is rank k, whatever it holds** (a blank
 line, a line without a year, a trailing empty line after a final "\\n"). Ranks are

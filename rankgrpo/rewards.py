@@ -1,4 +1,4 @@
-"""Per-rank relevance and the causal returns of Rank-GRPO (PAPER.md 6.1, 6.4, 6.9).
+"""Per-rank relevance and the causal returns of Rank-GRPO (§2.3.1, Eq. 5, 8, 9).
 
 ``rel[..., k]`` is 1 when the item at rank k is a not-yet-hit ground truth (fixed
 positions: seen, out-of-catalog, unparseable, repeated and missing ranks are 0). The
@@ -28,7 +28,7 @@ REWARD_KINDS = ("exp_inf", "exp", "dcg")
 
 def rank_relevance(items: Sequence[Item], groundtruth, seen_titles, catalog: Catalog, *, n_items: int = 20,
                    year_tolerance: int = 2) -> np.ndarray:
-    """rel_k for k < n_items from the one parse (PAPER.md 6.1): ``float64 [n_items]``.
+    """rel_k for k < n_items from the one parse (§2.3.1): ``float64 [n_items]``.
 
     The reward's matching rule is ``hits(..., positions="fixed", protocol="lenient")``:
     normalised titles, year-tolerant catalog, ground truths consumed on match, exact year

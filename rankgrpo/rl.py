@@ -1,8 +1,8 @@
 """One Rank-GRPO / GRPO / GSPO step after sampling, as functions a test can call without a subprocess.
 
-``train_rankgrpo.py`` is the loop around these; in order (PAPER.md section 6):
+``train_rankgrpo.py`` is the loop around these; in order (§2.3):
 
-  2. ``score_rollout``   one decode and one parse per completion -> rel [B, N] (the reward's rule, §6.1)
+  2. ``score_rollout``   one decode and one parse per completion -> rel [B, N] (the reward's rule, §2.3.1)
   3. ``advantages_for``  per-rank causal returns normalised over each prompt's G samples (Rank-GRPO),
                          or DCG@N normalised over G (GRPO / GSPO)
   4. ``prepare_batch``   token -> rank ids from the same parse, the <eos> index, the loss denominator,
@@ -42,7 +42,7 @@ def score_rollout(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
     """Stage 2: decode once, parse once, relevance per rank.
 
     ``examples[rollout.prompt_index[b]]`` is row b's example. Returns ``texts`` (B strings),
-    ``rel`` [B, N] float32 (rel_k of §6.1: 1 for a hit at rank k, else 0), and per-row list stats
+    ``rel`` [B, N] float32 (rel_k of §2.3.1: 1 for a hit at rank k, else 0), and per-row list stats
     ``n_lines``, ``parse_rate``, ``in_catalog``."""
     texts, rel, n_lines, parse_rate, in_cat = [], [], [], [], []
     for row in range(rollout.num_rows):
@@ -64,7 +64,7 @@ def advantages_for(rel: torch.Tensor, cfg, group_size: int) -> tuple[torch.Tenso
     """Stage 3: (rewards, advantages) from rel [B, N], B = prompts x G, prompt-major.
 
     Rank-GRPO (``cfg.algo == "rank_grpo"``): rewards = causal returns [B, N] (Eq. 8 / 9, ``cfg.reward``),
-    advantages normalised per rank over each prompt's G samples (§6.6) -> [B, N].
+    advantages normalised per rank over each prompt's G samples (Eq. 6) -> [B, N].
     GRPO / GSPO: rewards = DCG@N [B] (Eq. 3), normalised over G -> [B].
 
     Example (exp_inf, G = 2, N = 2): rel [[1, 0], [0, 0]] -> returns equal rel; rank 1 has mean 0.5 and

@@ -39,7 +39,7 @@ Two paths compute the same thing:
   tokenizers fail it, see there, and take the general path).
 
 The authors' code instead calls ``tok.decode([id])`` once per token in a Python loop and
-counts newlines (PAPER.md section 6.13); ``benchmarks/bench_segment.py`` times the three.
+counts newlines (``_segment_items_from_tokens``); ``benchmarks/bench_segment.py`` times the three.
 """
 from __future__ import annotations
 

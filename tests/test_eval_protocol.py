@@ -1,6 +1,6 @@
-"""The default scoring is the authors' ``evaluate_direct_match`` (PAPER.md 8.4) and in-catalog ratio (8.5).
+"""The default scoring is the authors' ``evaluate_direct_match`` (libs/metrics.py) and in-catalog ratio.
 
-The reference at the top of this file is written from PAPER.md 8.3-8.5 alone and imports
+The reference at the top of this file is written from the authors' rules alone and imports
 nothing from ``rankgrpo``: its own parser, filters, matching loop, DCG and in-catalog rule.
 It is held against our default scoring three ways:
 
@@ -30,11 +30,11 @@ KS = (5, 10, 15, 20)
 FIXTURE = Path(__file__).parent / "fixtures" / "evaluate_direct_match.json"
 
 
-# ============================================================================ the reference (PAPER.md 8.3-8.5)
+# ============================================================================ the reference (authors' code)
 
 
 def ref_parse(text: str) -> list[tuple[str, int]]:
-    """PAPER.md 8.3: collapse newline runs, drop empty lines, clean, keep lines "Title (YYYY)"."""
+    """``process_rec_raw``: collapse newline runs, drop empty lines, clean, keep lines "Title (YYYY)"."""
     out = []
     for line in re.sub(r"\n+", "\n", text).split("\n"):
         line = " ".join(line.split())
@@ -62,7 +62,7 @@ def ref_parse(text: str) -> list[tuple[str, int]]:
 
 
 def ref_evaluate_direct_match(recs, k, seen_titles, groundtruths, catalog_pairs) -> tuple[float, float]:
-    """PAPER.md 8.4, steps 2-9: (Recall@k, NDCG@k) of one sample."""
+    """``libs/metrics.py::evaluate_direct_match``: (Recall@k, NDCG@k) of one sample."""
     catalog = set(catalog_pairs)
     recs = [r for r in recs if r[0] not in seen_titles]          # exact title string
     recs = [r for r in recs if (r[0], int(r[1])) in catalog]     # exact (title, int year)
@@ -83,7 +83,7 @@ def ref_evaluate_direct_match(recs, k, seen_titles, groundtruths, catalog_pairs)
 
 
 def ref_in_catalog(recs, catalog_pairs) -> float:
-    """PAPER.md 8.5: first 20 parsed items; lower-cased title equal, year within 2."""
+    """``evaluate/eval_grpo_val.py``: first 20 parsed items; lower-cased title equal, year within 2."""
     years: dict[str, list[int]] = {}
     for title, year in catalog_pairs:
         years.setdefault(title.lower(), []).append(int(year))

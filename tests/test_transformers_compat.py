@@ -49,7 +49,7 @@ def test_sampling_uses_no_deprecated_argument(arch):
 
 
 def test_installed_transformers_is_within_the_declared_bounds():
-    """setup.cfg's bounds are the versions this suite was run on (README: transformers versions)."""
+    """setup.cfg's bounds are the versions this suite was run on (docs/testing.md: transformers versions)."""
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
     requirement = next(line.strip() for line in config["options"]["install_requires"].splitlines()

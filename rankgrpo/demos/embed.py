@@ -1,4 +1,4 @@
-"""Text embedders for Remap (PAPER.md 4.2): item metadata and conversations -> unit vectors.
+"""Text embedders for Remap (§2.2(i), App. A.1): item metadata and conversations -> unit vectors.
 
 Remap compares items and conversations by the cosine similarity of their embeddings.
 The paper uses the sentence-transformer NovaSearch/stella_en_400M_v5; here two

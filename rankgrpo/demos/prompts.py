@@ -1,4 +1,4 @@
-"""Prompts sent to the black-box teacher during Remap-Reflect-Adjust (PAPER.md section 4).
+"""Prompts sent to the black-box teacher during Remap-Reflect-Adjust (§2.2, App. A).
 
 Every teacher backend (sandbox simulator, OpenAI-compatible endpoint, local HF model) is a
 chat model: ``teacher.chat(messages) -> str``. Stage 1 sends it three kinds of prompt:
@@ -28,11 +28,11 @@ JUDGE_PROMPT = (
 
 
 def build_metadata_prompt(title: str, year: int | None) -> str:
-    """Remap's zero-shot metadata prompt for one item (PAPER.md 4.2, case 1 and 2)."""
+    """Remap's zero-shot metadata prompt for one item (App. A.1; known and out-of-catalog items)."""
     return METADATA_PROMPT.format(title=title, year=year if year is not None else "unknown year")
 
 
 def build_judge_prompt(context: str, candidates: list[tuple[str, int]]) -> str:
-    """Reflect's judge prompt (PAPER.md 4.3): the conversation and the candidates, one per line."""
+    """Reflect's judge prompt (App. A.2): the conversation and the candidates, one per line."""
     rec_titles = "\n" + "\n".join(f"{t} ({y})" for t, y in candidates) + "\n"
     return JUDGE_PROMPT.format(context=context, rec_titles=rec_titles)

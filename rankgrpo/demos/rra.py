@@ -1,4 +1,4 @@
-"""Remap-Reflect-Adjust (PAPER.md section 4, Eq. 10-13): teacher lists -> SFT demonstrations.
+"""Remap-Reflect-Adjust (§2.2, App. A, Eq. 10-13): teacher lists -> SFT demonstrations.
 
 For each conversation the black-box teacher writes a raw list of N items in its own item
 space. RRA turns it into a score vector over the whole catalog C and keeps the top N:
@@ -41,7 +41,7 @@ a whole data set. Decisions the paper leaves open, made here:
   retries is skipped (its completion is None) and counted in ``stats``. Item metadata the
   teacher fails to write falls back to the bare "Title (Year)".
 
-Ablations (PAPER.md Table 2), switched by ``RRAConfig``:
+Ablations (the paper's Table 2), switched by ``RRAConfig``:
 
 * ``remap_reflect=False`` ("remove remap-reflect"): no embeddings, no judge. The raw list
   enters the catalog only through I_ic: s = p . I_ic (``identity_scores``), so an in-catalog
@@ -82,7 +82,7 @@ from rankgrpo.parsing import format_recommendations, parse_line, parse_recommend
 
 @dataclass
 class RRAConfig:
-    """Remap-Reflect-Adjust settings (PAPER.md 4.6 for the paper's values)."""
+    """Remap-Reflect-Adjust settings (App. A.1-A.3 for the paper's values)."""
 
     n_items: int = arg(20, "N: items per demonstration, and the most raw teacher items read.", min=1)
     remap_lambda: float = arg(1.0, "lambda of Eq. 10: weight of the conversation-item similarity.", min=0)
@@ -522,7 +522,7 @@ def validate_judge_reply(reply: str) -> str | None:
 
 
 def metadata_text(title: str, year: int, keywords: str = "", plot: str = "") -> str:
-    """The paper's metadata template (PAPER.md 4.2).
+    """The paper's metadata template (App. A.1).
 
     >>> print(metadata_text("Heat", 1995, "heist, crime", "A thief and a detective."))
     Heat (1995)

@@ -1,4 +1,4 @@
-"""Teachers: the black-box chat model that Remap-Reflect-Adjust queries (PAPER.md section 4).
+"""Teachers: the black-box chat model that Remap-Reflect-Adjust queries (§2.2, App. A).
 
 One small interface::
 

@@ -120,7 +120,7 @@ class SandboxConfig:
 
 @dataclass
 class TeacherConfig:
-    """The simulated black-box teacher: its knowledge and its failure modes (PAPER.md 4.1)."""
+    """The simulated black-box teacher: its knowledge and its failure modes (§2.2)."""
 
     seed: int = arg(0, "Seed of the teacher's own noise (its item biases, slips and ratings).")
     ooc_rate: float = arg(0.25, "Average share of listed items that are out of catalog: invented titles, "

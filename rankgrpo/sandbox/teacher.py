@@ -1,4 +1,4 @@
-"""The simulated black-box teacher and LLM judge (PAPER.md 4.1-4.3).
+"""The simulated black-box teacher and LLM judge (§2.2, App. A.1-A.2).
 
 ``SandboxTeacher.chat(messages) -> str`` answers the three prompts Stage 1 sends:
 
