@@ -101,7 +101,8 @@ from rankgrpo.compiled_decode import release_static_cache  # noqa: E402
 from rankgrpo.config import arg, parse_config  # noqa: E402
 from rankgrpo.io import atomic_write_json, atomic_write_text  # noqa: E402
 from rankgrpo.models import model_config, model_from_config, qwen25_05b_config, resolve_dtype  # noqa: E402
-from rankgrpo.sampling import _last_logits, left_pad, positions_from_mask, sample  # noqa: E402
+from rankgrpo.kv_cache import last_logits, left_pad, positions_from_mask  # noqa: E402
+from rankgrpo.sampling import sample  # noqa: E402
 
 GB = 1e9
 # name fragment (lower case, most specific first) -> (memory bandwidth GB/s, dense bf16 TFLOP/s),
@@ -527,8 +528,8 @@ def eager_logits_fn(model, prompts: list[list[int]], G: int, eager_ids: torch.Te
         with torch.inference_mode():
             for i in range(0, len(distinct), chunk):
                 ids, mask = left_pad(distinct[i:i + chunk], 0, device=device)
-                out.append(_last_logits(model, input_ids=ids, attention_mask=mask,
-                                        position_ids=positions_from_mask(mask)))
+                out.append(last_logits(model, input_ids=ids, attention_mask=mask,
+                                       position_ids=positions_from_mask(mask)))
         if not out:
             return torch.zeros(0, model.config.vocab_size)
         logits = torch.cat(out)
