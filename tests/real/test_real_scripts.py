@@ -1,6 +1,7 @@
 """The scripts on a real pretrained chat model and the authors' Reddit-v2 sample, as a user runs
-them: a zero-shot evaluation, 2 SFT steps and 2 Rank-GRPO steps with `--preset paper`, and the
-written checkpoints reloaded with plain transformers.
+them: a zero-shot evaluation, 2 SFT steps and 2 Rank-GRPO steps with the README's
+`--preset paper --bf16 --gradient-checkpointing` (bf16 autocast on the CPU), and the written
+checkpoints reloaded with plain transformers.
 
 To run in minutes on a CPU the batch and generation flags are lowered from the paper preset
 (SFT: 2 sequences per step instead of 384; Rank-GRPO: 2 prompts x G = 2 instead of 48 x 8,
@@ -47,8 +48,8 @@ def work(tmp_path_factory, reddit_sample):
 @pytest.fixture(scope="module")
 def sft_run(work, smollm2_dir, reddit_sample):
     sample, catalog = reddit_sample
-    run_script("train_sft.py", "--preset", "paper", "--model", smollm2_dir, "--train-data", sample,
-               "--val-data", work / "val.jsonl", "--catalog", catalog, "--out", work / "sft",
+    run_script("train_sft.py", "--preset", "paper", "--bf16", "--gradient-checkpointing",
+               "--model", smollm2_dir, "--train-data", sample, "--val-data", work / "val.jsonl", "--catalog", catalog, "--out", work / "sft",
                "--max-steps", 2, "--micro-batch-size", 2, "--grad-accum", 1, "--log-every", 1,
                "--eval-every", 2, "--save-every", 2, "--val-gen-examples", 1, "--max-new-tokens", 64, cwd=work)
     return work / "sft"
@@ -57,7 +58,8 @@ def sft_run(work, smollm2_dir, reddit_sample):
 @pytest.fixture(scope="module")
 def rl_run(work, sft_run, reddit_sample):
     sample, catalog = reddit_sample
-    run_script("train_rankgrpo.py", "--preset", "paper", "--model", sft_run / "final", "--data", sample,
+    run_script("train_rankgrpo.py", "--preset", "paper", "--bf16", "--gradient-checkpointing",
+               "--model", sft_run / "final", "--data", sample,
                "--val-data", work / "val.jsonl", "--catalog", catalog, "--out", work / "rankgrpo",
                "--steps", 2, "--prompts-per-step", 2, "--group-size", 2, "--micro-batch-size", 4,
                "--max-new-tokens", 64, "--eval-every", 2, "--save-every", 2, "--val-examples", 1, cwd=work)
@@ -87,6 +89,7 @@ def test_sft_two_steps(sft_run):
     assert any("val_loss" in row and math.isfinite(row["val_loss"]) for row in log)
     config = json.loads((sft_run / "config.json").read_text())
     assert config["preset"] == "paper" and config["lr"] == 5e-5
+    assert config["bf16"] and config["gradient_checkpointing"]
     print(f"SFT losses {losses}")
 
 
@@ -96,6 +99,7 @@ def test_rankgrpo_two_steps(rl_run):
     assert len(steps) == 2 and all(math.isfinite(row["loss"]) for row in steps), log
     config = json.loads((rl_run / "config.json").read_text())
     assert config["preset"] == "paper" and config["lr"] == 1e-6 and config["algo"] == "rank_grpo"
+    assert config["bf16"] and config["gradient_checkpointing"]
     print("Rank-GRPO steps: " + "; ".join(f"loss {row['loss']:.4f}, reward/dcg {row['reward/dcg']:.3f}, "
                                           f"in_catalog {row['in_catalog']:.2f}" for row in steps))
 
