@@ -2,7 +2,9 @@
 
 transformers 5.24 renamed the forward's `past_key_values` to `cache` and keeps the old name
 only as a deprecated alias (a FutureWarning) until 5.40; 4.x and earlier 5.x know only
-`past_key_values`. `cache_argument` picks the name the model's forward declares.
+`past_key_values`. `cache_argument` picks the name the model's forward declares. The static
+cache of the compiled decoder takes its write position from the forward's `cache_position` in
+4.x, which 5.x dropped (`takes_cache_position`).
 """
 import configparser
 import re
@@ -14,6 +16,7 @@ import torch
 import transformers
 from packaging.version import Version
 
+from rankgrpo.compiled_decode import takes_cache_position
 from rankgrpo.models import tiny_model
 from rankgrpo.sampling import cache_argument, sample
 
@@ -26,7 +29,7 @@ class NewStyle(torch.nn.Module):
 
 
 class OldStyle(torch.nn.Module):
-    def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+    def forward(self, input_ids, past_key_values=None, use_cache=None, cache_position=None, **kwargs):
         pass
 
 
@@ -34,6 +37,11 @@ def test_cache_argument_follows_the_forward_signature():
     marker = object()
     assert cache_argument(NewStyle(), marker) == {"cache": marker}
     assert cache_argument(OldStyle(), marker) == {"past_key_values": marker}
+
+
+def test_cache_position_is_passed_only_where_the_forward_declares_it():
+    assert takes_cache_position(OldStyle)
+    assert not takes_cache_position(NewStyle)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
