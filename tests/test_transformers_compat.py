@@ -4,9 +4,12 @@ transformers 5.24 renamed the forward's `past_key_values` to `cache` and keeps t
 only as a deprecated alias (a FutureWarning) until 5.40; 4.x and earlier 5.x know only
 `past_key_values`. `cache_argument` picks the name the model's forward declares. The static
 cache of the compiled decoder takes its write position from the forward's `cache_position` in
-4.x, which 5.x dropped (`takes_cache_position`).
+4.x, which 5.x dropped (`takes_cache_position`). `make test-min` runs the unit tests on every
+floor of setup.cfg (scripts/min_constraints.py).
 """
 import configparser
+import doctest
+import importlib.util
 import re
 import warnings
 from pathlib import Path
@@ -21,6 +24,9 @@ from rankgrpo.models import tiny_model
 from rankgrpo.sampling import cache_argument, sample
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("min_constraints", ROOT / "scripts" / "min_constraints.py")
+min_constraints = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(min_constraints)
 
 
 class NewStyle(torch.nn.Module):
@@ -67,3 +73,12 @@ def test_installed_transformers_is_within_the_declared_bounds():
     upper = re.search(r"<\s*([\w.]+)", requirement)
     if upper:
         assert Version(transformers.__version__) < Version(upper.group(1))
+
+
+def test_every_runtime_requirement_has_the_floor_that_test_min_pins():
+    """A requirement without a `>=` floor would make `make test-min` stop before installing."""
+    assert doctest.testmod(min_constraints).failed == 0
+    requirements = min_constraints.install_requires(str(ROOT / "setup.cfg"))
+    pins = [min_constraints.floor_pin(r) for r in requirements]
+    assert [p.split("==")[0] for p in pins] == [re.match(r"[\w.-]+", r).group(0) for r in requirements]
+    assert "transformers" in {p.split("==")[0] for p in pins}
