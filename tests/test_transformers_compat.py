@@ -2,9 +2,14 @@
 
 transformers 5.24 renamed the forward's `past_key_values` to `cache` and keeps the old name
 only as a deprecated alias (a FutureWarning) until 5.40; 4.x and earlier 5.x know only
-`past_key_values`. `cache_argument` picks the name the model's forward declares.
+`past_key_values`. `cache_argument` picks the name the model's forward declares. The static
+cache of the compiled decoder takes its write position from the forward's `cache_position` in
+4.x, which 5.x dropped (`takes_cache_position`). `make test-min` runs the unit tests on every
+floor of setup.cfg (scripts/min_constraints.py).
 """
 import configparser
+import doctest
+import importlib.util
 import re
 import warnings
 from pathlib import Path
@@ -14,11 +19,15 @@ import torch
 import transformers
 from packaging.version import Version
 
+from rankgrpo.compiled_decode import takes_cache_position
 from rankgrpo.models import tiny_model
 from rankgrpo.kv_cache import cache_argument
 from rankgrpo.sampling import sample
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("min_constraints", ROOT / "scripts" / "min_constraints.py")
+min_constraints = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(min_constraints)
 
 
 class NewStyle(torch.nn.Module):
@@ -27,7 +36,7 @@ class NewStyle(torch.nn.Module):
 
 
 class OldStyle(torch.nn.Module):
-    def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+    def forward(self, input_ids, past_key_values=None, use_cache=None, cache_position=None, **kwargs):
         pass
 
 
@@ -35,6 +44,11 @@ def test_cache_argument_follows_the_forward_signature():
     marker = object()
     assert cache_argument(NewStyle(), marker) == {"cache": marker}
     assert cache_argument(OldStyle(), marker) == {"past_key_values": marker}
+
+
+def test_cache_position_is_passed_only_where_the_forward_declares_it():
+    assert takes_cache_position(OldStyle)
+    assert not takes_cache_position(NewStyle)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -60,3 +74,12 @@ def test_installed_transformers_is_within_the_declared_bounds():
     upper = re.search(r"<\s*([\w.]+)", requirement)
     if upper:
         assert Version(transformers.__version__) < Version(upper.group(1))
+
+
+def test_every_runtime_requirement_has_the_floor_that_test_min_pins():
+    """A requirement without a `>=` floor would make `make test-min` stop before installing."""
+    assert doctest.testmod(min_constraints).failed == 0
+    requirements = min_constraints.install_requires(str(ROOT / "setup.cfg"))
+    pins = [min_constraints.floor_pin(r) for r in requirements]
+    assert [p.split("==")[0] for p in pins] == [re.match(r"[\w.-]+", r).group(0) for r in requirements]
+    assert "transformers" in {p.split("==")[0] for p in pins}
