@@ -30,7 +30,7 @@ also counts teacher and judge failures, unparsed judge lines and missing ratings
 every demonstration (N lines "Title (YYYY)", in the catalog, no title the user mentioned),
 and keeps the time of every stage.
 
-Ablations (the paper's Table 2; ``rankgrpo.demos.rra`` has the details):
+Ablations (the paper's Table 2; ``rankgrpo.demos.pipeline`` has the details):
 ``--no-remap-reflect`` keeps the raw list's in-catalog items (exact identity, year within
 ``--identity-year-tolerance``; out-of-catalog items dropped) at 1/sqrt(k) and lets Adjust rank
 them and fill the free places; ``--no-reflect`` skips the judge; ``--no-adjust`` writes the
@@ -53,7 +53,7 @@ from rankgrpo.catalog import Catalog, CatalogError, load_catalog, normalize_titl
 from rankgrpo.config import arg, run_cli, save_config
 from rankgrpo.data import DataError, Example, load_examples, write_examples
 from rankgrpo.demos.embed import make_embedder
-from rankgrpo.demos.rra import RRAConfig, RRAResult, format_demo, run_rra
+from rankgrpo.demos.pipeline import RRAConfig, RRAResult, format_demo, run_rra
 from rankgrpo.demos.teacher import CachedTeacher, Teacher, make_teacher
 from rankgrpo.evaluation import score_examples
 from rankgrpo.io import atomic_write_json
