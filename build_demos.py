@@ -30,7 +30,7 @@ also counts teacher and judge failures, unparsed judge lines and missing ratings
 every demonstration (N lines "Title (YYYY)", in the catalog, no title the user mentioned),
 and keeps the time of every stage.
 
-Ablations (the paper's Table 2; ``rankgrpo.demos.rra`` has the details):
+Ablations (the paper's Table 2; ``rankgrpo.demos.pipeline`` has the details):
 ``--no-remap-reflect`` keeps the raw list's in-catalog items (exact identity, year within
 ``--identity-year-tolerance``; out-of-catalog items dropped) at 1/sqrt(k) and lets Adjust rank
 them and fill the free places; ``--no-reflect`` skips the judge; ``--no-adjust`` writes the
@@ -42,27 +42,22 @@ import dataclasses
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
-from rankgrpo.catalog import Catalog, CatalogError, load_catalog, normalize_title
+from rankgrpo.catalog import CatalogError, load_catalog
 from rankgrpo.config import arg, run_cli, save_config
-from rankgrpo.data import DataError, Example, load_examples, write_examples
+from rankgrpo.data import DataError, load_examples, write_examples
 from rankgrpo.demos.embed import make_embedder
-from rankgrpo.demos.rra import RRAConfig, RRAResult, format_demo, run_rra
+from rankgrpo.demos.pipeline import RRAConfig, run_rra, train_subset
+from rankgrpo.demos.report import print_report, stage_report
 from rankgrpo.demos.teacher import CachedTeacher, Teacher, make_teacher
-from rankgrpo.evaluation import score_examples
 from rankgrpo.io import atomic_write_json
-from rankgrpo.metrics import format_table
-from rankgrpo.parsing import parse_recommendations
 
 TEACHERS = ("sandbox", "openai", "hf")
-STAGE_NAMES = {"raw": "teacher (raw)", "identity": "identity map", "remap": "remap", "reflect": "reflect",
-               "adjust": "adjust"}
 
 
 @dataclass
@@ -175,24 +170,6 @@ def resolve_paths(cfg: BuildDemosConfig) -> BuildDemosConfig:
     )
 
 
-def seeded_order(n: int, seed: int) -> list[int]:
-    """A permutation of range(n) that depends only on (n, seed)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def train_subset(n: int, fraction: float, max_train: int, seed: int) -> list[int]:
-    """Indices (in file order) of the training examples that get a demonstration: the first
-    round(fraction * n), at most ``max_train`` (0: no cap), of a seeded permutation.
-
-    >>> train_subset(8, 0.25, 0, seed=0) == sorted(seeded_order(8, 0)[:2])
-    True
-    """
-    k = int(fraction * n + 0.5)
-    if max_train:
-        k = min(k, max_train)
-    return sorted(seeded_order(n, seed)[:k])
-
-
 def build_teacher(cfg: BuildDemosConfig, world) -> Teacher:
     """The configured backend (without its cache)."""
     if cfg.teacher == "sandbox":
@@ -207,67 +184,6 @@ def build_teacher(cfg: BuildDemosConfig, world) -> Teacher:
     if cfg.max_attempts:
         teacher.retry = dataclasses.replace(teacher.retry, max_attempts=cfg.max_attempts)
     return teacher
-
-
-# ----------------------------------------------------------------------------- the stage report
-
-
-def stage_completions(result: RRAResult, catalog: Catalog, stage: str) -> list[str | None]:
-    """The list each example would get as its demonstration at ``stage`` (None where skipped)."""
-    if stage == "raw":
-        return result.teacher_replies
-    tops = {"identity": result.remap_top, "remap": result.remap_top, "reflect": result.reflect_top,
-            "adjust": result.final_top}[stage]
-    return [format_demo(top, catalog) if top is not None else None for top in tops]
-
-
-def score_stages(examples: Sequence[Example], rows: Sequence[int], result: RRAResult, catalog: Catalog,
-                 cfg: BuildDemosConfig) -> dict[str, dict]:
-    """Stage -> aggregate metrics (``rankgrpo.metrics.aggregate``) over ``rows``, for every stage that ran.
-
-    Every stage is scored on the same examples: those that got a demonstration.
-    """
-    out = {}
-    for stage in ["raw"] + result.stats["stages"]:
-        completions = stage_completions(result, catalog, stage)
-        agg, _ = score_examples([examples[i] for i in rows], [completions[i] for i in rows], catalog,
-                                year_tolerance=cfg.identity_year_tolerance, n_items=cfg.n_items)
-        out[stage] = agg
-    return out
-
-
-def check_demonstrations(examples: Sequence[Example], completions: Sequence[str | None], catalog: Catalog,
-                         n_items: int) -> dict:
-    """Count the demonstrations that are exactly ``n_items`` "Title (YYYY)" lines, name catalog items
-    (exact title and year) and mention no seen title."""
-    counts = Counter()
-    for ex, text in zip(examples, completions):
-        if text is None:
-            continue
-        items = parse_recommendations(text)
-        seen = {normalize_title(t) for t in ex.seen_titles}
-        counts["demonstrations"] += 1
-        counts["format_valid"] += len(items) == n_items and all(it.exact for it in items)
-        counts["in_catalog"] += all(catalog.lookup(it.title, it.year, 0) is not None for it in items)
-        counts["no_seen_title"] += not any(normalize_title(it.title) in seen for it in items)
-        counts["no_repeat"] += len({it.key for it in items}) == len(items)
-    return {k: counts[k] for k in ("demonstrations", "format_valid", "in_catalog", "no_seen_title", "no_repeat")}
-
-
-def print_report(report: dict, ks: Sequence[int] = (5, 10, 20), log: Callable[[str], None] = print) -> None:
-    for split, stages in report["metrics"].items():
-        n = next(iter(stages.values())).get("n_examples", 0) if stages else 0
-        log(f"\n{split} ({n} conversations with a demonstration; each stage's top {report['n_items']} scored):")
-        log(format_table({STAGE_NAMES[s]: agg for s, agg in stages.items()}, ks=ks))
-    c, f = report["checks"], report["failures"]
-    log(f"\ndemonstrations ({report['demonstration_stage']}): {c['demonstrations']} written; "
-        f"{c['format_valid']} format-valid, {c['in_catalog']} in catalog, {c['no_seen_title']} without a seen title")
-    log("skipped: " + ", ".join(f"{s} {v['skipped']} of {v['selected']}" for s, v in report["counts"].items())
-        + f"; teacher list failures {f['teacher_list']}, judge failures {f['judge']}, metadata failures "
-          f"{f['metadata']}, judge lines unparsed {f['judge_lines_unparsed']}, ratings missing {f['ratings_missing']}")
-    t = report["teacher_requests"]
-    log(f"teacher requests: {t['sent']} sent, {t['from_cache']} from the cache")
-    log("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -339,48 +255,21 @@ def build_demos(cfg: BuildDemosConfig, *, teacher: Teacher | None = None, embedd
 
     # Outputs: the examples with their demonstration; skipped ones are left out.
     done = [dataclasses.replace(ex, completion=text) for ex, text in zip(examples, result.completions)]
-    splits = {"train": range(len(train)), "validation": range(len(train), len(examples))}
-    kept = {s: [i for i in rows if result.completions[i] is not None] for s, rows in splits.items()}
+    kept = {"train": [ex for ex in done[:len(train)] if ex.completion is not None],
+            "validation": [ex for ex in done[len(train):] if ex.completion is not None]}
 
     # The report.
-    metrics = {"validation": score_stages(examples, kept["validation"], result, catalog, cfg)}
-    if cfg.report_train and kept["train"]:
-        sample = sorted(kept["train"][j] for j in seeded_order(len(kept["train"]), cfg.seed + 1)[:cfg.report_train])
-        metrics["train"] = score_stages(examples, sample, result, catalog, cfg)
-    s = result.stats
-    report = {
-        "stages": ["raw"] + s["stages"],
-        "demonstration_stage": s["stages"][-1],
-        "ablations": {"remap_reflect": cfg.remap_reflect, "reflect": cfg.reflect, "adjust": cfg.adjust},
-        "n_items": cfg.n_items,
-        "counts": {
-            "train": {"examples": len(train_all), "selected": len(train), "demonstrations": len(kept["train"]),
-                      "skipped": len(train) - len(kept["train"]),
-                      "scored": metrics["train"]["raw"]["n_examples"] if "train" in metrics else 0},
-            "validation": {"examples": len(val), "selected": len(val), "demonstrations": len(kept["validation"]),
-                           "skipped": len(val) - len(kept["validation"]), "scored": len(kept["validation"])},
-        },
-        "checks": check_demonstrations(examples, result.completions, catalog, cfg.n_items),
-        "data": {"train": train_all.report.to_json(), "validation": val.report.to_json(),
-                 "catalog": catalog.report.summary()},
-        "metrics": metrics,
-        "failures": {
-            "teacher_list": s.get("list_failures", 0), "judge": s.get("judge_failures", 0),
-            "metadata": s.get("metadata_failures", 0), "judge_lines_unparsed": s.get("judge_lines_unparsed", 0),
-            "ratings_missing": s.get("ratings_missing", 0),
-            "groundtruth_not_in_catalog": s.get("groundtruth_not_in_catalog", 0),
-            "reasons": s["failure_reasons"],
-        },
-        "skipped_ids": {split: [examples[i].id for i in rows if result.completions[i] is None][:100]
-                        for split, rows in splits.items()},
-        "teacher_requests": {"sent": cached.misses - misses0, "from_cache": cached.hits - hits0},
-        "rra": {k: v for k, v in s.items() if k not in ("failure_reasons", "seconds", "stages")},
-        "seconds": seconds,
-    }
+    report = stage_report(
+        examples, {"train": range(len(train)), "validation": range(len(train), len(examples))}, result, catalog, cfg,
+        n_in_file={"train": len(train_all), "validation": len(val)}, report_train=cfg.report_train, seed=cfg.seed,
+        data={"train": train_all.report.to_json(), "validation": val.report.to_json(),
+              "catalog": catalog.report.summary()},
+        teacher_requests={"sent": cached.misses - misses0, "from_cache": cached.hits - hits0})
+    report["seconds"] = seconds  # filled in to the end (write, total) before the report is written
     lap("report")
 
-    write_examples(Path(cfg.out) / "train.jsonl", [done[i] for i in kept["train"]])
-    write_examples(Path(cfg.out) / "validation.jsonl", [done[i] for i in kept["validation"]])
+    write_examples(Path(cfg.out) / "train.jsonl", kept["train"])
+    write_examples(Path(cfg.out) / "validation.jsonl", kept["validation"])
     lap("write")
     seconds["total"] = round(time.perf_counter() - start, 3)
     atomic_write_json(Path(cfg.out) / "report.json", report)

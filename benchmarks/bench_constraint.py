@@ -25,22 +25,18 @@ import argparse
 import os
 import random
 import re
-import sys
 import tempfile
 import time
 import tracemalloc
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from rankgrpo import constraint as constraint_module  # noqa: E402
-from rankgrpo.catalog import load_catalog  # noqa: E402
-from rankgrpo.constraint import (CatalogConstraint, build_catalog_trie, catalog_lines, catalog_trie,  # noqa: E402
+from rankgrpo import constraint as constraint_module
+from rankgrpo.catalog import load_catalog
+from rankgrpo.constraint import (CatalogConstraint, build_catalog_trie, catalog_lines, catalog_trie,
                                  constraint_for_examples)
-from rankgrpo.parsing import format_recommendations  # noqa: E402
-from rankgrpo.sampling import sample, token_logprobs  # noqa: E402
+from rankgrpo.parsing import format_recommendations
+from rankgrpo.sampling import sample, token_logprobs
 
 
 def parse_args(argv=None) -> argparse.Namespace:

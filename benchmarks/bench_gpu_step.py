@@ -57,13 +57,10 @@ import contextlib
 import copy
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 

@@ -48,10 +48,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from rankgrpo.config import arg, parse_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = ROOT / "benchmarks" / "_trl_grpo_child.py"
 RESULT_PREFIX = "TRL_RESULT "  # the line of the child's output that carries its figures

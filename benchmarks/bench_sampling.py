@@ -16,16 +16,12 @@ peak memory of each method.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from rankgrpo.models import model_config, model_from_config, qwen25_05b_config  # noqa: E402
-from rankgrpo.sampling import left_pad, sample  # noqa: E402
+from rankgrpo.models import model_config, model_from_config, qwen25_05b_config
+from rankgrpo.sampling import left_pad, sample
 
 
 def parse_args(argv=None) -> argparse.Namespace:

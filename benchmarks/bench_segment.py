@@ -19,18 +19,14 @@ the authors' loop, and whether all three agree.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from rankgrpo.sandbox import build_tokenizer  # noqa: E402
-from rankgrpo.segment import fast_path_is_exact, newline_table, token_ranks  # noqa: E402
+from rankgrpo.sandbox import build_tokenizer
+from rankgrpo.segment import fast_path_is_exact, newline_table, token_ranks
 
 WORDS = ["The", "Love", "Night", "Amélie", "Léon", "Garçon", "Über", "Cœur", "Heat", "Alien", "of", "and",
          "Return", "Dark", "Star", "City", "Noël", "Café", "Lost", "in", "Time", "Blade", "Runner", "Seven",

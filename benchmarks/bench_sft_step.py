@@ -18,19 +18,15 @@ layout runs, and the largest relative difference of the losses (float rounding o
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from rankgrpo.data import load_examples  # noqa: E402
-from rankgrpo.losses import sft_loss  # noqa: E402
-from rankgrpo.models import load_model, load_tokenizer  # noqa: E402
-from rankgrpo.sft_data import collate_sft, sft_logits, tokenize_sft  # noqa: E402
+from rankgrpo.data import load_examples
+from rankgrpo.losses import sft_loss
+from rankgrpo.models import load_model, load_tokenizer
+from rankgrpo.sft_data import collate_sft, sft_logits, tokenize_sft
 
 
 def main() -> None:

@@ -55,12 +55,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from rankgrpo.config import arg, parse_config, save_config
+from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant
+from rankgrpo.metrics import paired_difference
 
-from rankgrpo.config import arg, parse_config, save_config  # noqa: E402
-from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant  # noqa: E402
-from rankgrpo.metrics import paired_difference  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 KS = (5, 10, 15, 20)
 RESULTS_DEFAULT = "benchmarks/results"

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from rankgrpo.data import CONVERSATION_MARKER, load_examples
+from rankgrpo.demos import report as demos_report
+from rankgrpo.demos.pipeline import train_subset
 from rankgrpo.demos.teacher import ChatTeacher, TeacherError
 from rankgrpo.parsing import parse_recommendations
 from rankgrpo.sandbox import SandboxConfig, SandboxTeacher, build_world, load_world
@@ -70,7 +72,7 @@ def _config(world_dir: Path, out: Path, **kw) -> build_demos.BuildDemosConfig:
 
 
 def test_docstring_examples():
-    result = doctest.testmod(build_demos)
+    result = doctest.testmod(demos_report)
     assert result.failed == 0 and result.attempted > 0
 
 
@@ -83,7 +85,7 @@ def test_default_run_writes_valid_demonstrations_for_a_seeded_quarter_of_train_a
         assert (default_run / name).is_file(), name
     train_all = load_examples(world_dir / "train.jsonl")
     val_all = load_examples(world_dir / "validation.jsonl")
-    chosen = [train_all[i].id for i in build_demos.train_subset(len(train_all), 0.25, 0, seed=0)]
+    chosen = [train_all[i].id for i in train_subset(len(train_all), 0.25, 0, seed=0)]
     train, val = load_examples(default_run / "train.jsonl"), load_examples(default_run / "validation.jsonl")
     assert [ex.id for ex in train] == chosen and len(chosen) == round(len(train_all) / 4)
     assert [ex.id for ex in val] == [ex.id for ex in val_all]
@@ -124,10 +126,10 @@ def test_default_run_writes_valid_demonstrations_for_a_seeded_quarter_of_train_a
 
 
 def test_train_subset_is_seeded_nested_and_capped():
-    a = build_demos.train_subset(1000, 0.25, 0, seed=0)
-    assert a == build_demos.train_subset(1000, 0.25, 0, seed=0) and len(a) == 250 and a == sorted(a)
-    assert a != build_demos.train_subset(1000, 0.25, 0, seed=1)
-    small = build_demos.train_subset(1000, 0.25, 100, seed=0)
+    a = train_subset(1000, 0.25, 0, seed=0)
+    assert a == train_subset(1000, 0.25, 0, seed=0) and len(a) == 250 and a == sorted(a)
+    assert a != train_subset(1000, 0.25, 0, seed=1)
+    small = train_subset(1000, 0.25, 100, seed=0)
     assert len(small) == 100 and set(small) <= set(a)
 
 
@@ -186,7 +188,7 @@ def test_a_failing_teacher_gives_counted_skips_and_demonstrations_for_the_others
     cfg = _config(world_dir, tmp_path / "out")
     report = build_demos.build_demos(cfg, teacher=ChatTeacher(FlakyTeacher(world), "flaky"), log=lambda s: None)
     train_all = load_examples(world_dir / "train.jsonl")
-    selected = [train_all[i] for i in build_demos.train_subset(len(train_all), 0.25, 0, seed=0)]
+    selected = [train_all[i] for i in train_subset(len(train_all), 0.25, 0, seed=0)]
     val = load_examples(world_dir / "validation.jsonl")
     faults = {ex.id: _fault(ex.conversation) for ex in selected + val}
     assert set(faults.values()) >= {0, 1, 2, 3}

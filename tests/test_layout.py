@@ -82,3 +82,28 @@ def test_no_import_cycles_in_the_package():
 def test_no_private_names_imported_across_modules():
     _, private = import_graph()
     assert private == []
+
+
+BENCHMARKS = PACKAGE.parent / "benchmarks"
+# gpu_check.py imports its sibling benchmarks (bench_gpu_step, bench_sampling) through benchmarks/ on sys.path
+EDITS_SYS_PATH = {"gpu_check.py"}
+
+
+def sys_path_uses(path: Path) -> list[int]:
+    """Lines of ``path`` that touch ``sys.path``."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Attribute) and node.attr == "path"
+            and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+
+
+def test_the_sys_path_finder_finds_an_edit(tmp_path):
+    script = tmp_path / "x.py"
+    script.write_text("import sys\nimport os\nsys.path.insert(0, os.path.dirname(__file__))\n")
+    assert sys_path_uses(script) == [3]
+
+
+def test_benchmarks_import_the_installed_package():
+    files = sorted(BENCHMARKS.glob("*.py"))
+    assert len(files) > 5  # the directory was read
+    edits = {f.name: sys_path_uses(f) for f in files if f.name not in EDITS_SYS_PATH}
+    assert {name: lines for name, lines in edits.items() if lines} == {}

@@ -1,5 +1,6 @@
 """Remap-Reflect-Adjust (Eq. 10-13) on hand examples, the judge parser, the embedders, and a
 tiny end-to-end run with a scripted teacher."""
+import ast
 import doctest
 import math
 import re
@@ -12,12 +13,15 @@ import transformers
 
 from rankgrpo.catalog import Catalog, CatalogItem
 from rankgrpo.data import Example, build_prompt
-from rankgrpo.demos import embed, rra
+from rankgrpo.demos import embed, pipeline, replies, rra
 from rankgrpo.demos.embed import HashingEmbedder, cached_embed, hashed_ngram_counts, make_embedder
+from rankgrpo.demos.pipeline import RRAConfig, catalog_metadata_text, format_demo, run_rra, seen_indices
+from rankgrpo.demos.replies import (
+    parse_judge_line, parse_judge_reply, parse_metadata_reply, parse_teacher_list, validate_judge_reply,
+)
 from rankgrpo.demos.rra import (
-    RRAConfig, adjust_loss, adjust_scores, catalog_metadata_text, fit_adjust, parse_judge_line,
-    parse_judge_reply, parse_metadata_reply, parse_teacher_list, positional_weights, ratings_vector,
-    reflect_scores, remap_scores, remap_scores_batched, run_rra, seen_indices, top_n,
+    adjust_loss, adjust_scores, fit_adjust, positional_weights, ratings_vector, reflect_scores, remap_scores,
+    remap_scores_batched, top_n,
 )
 from rankgrpo.demos.teacher import CachedTeacher, ChatTeacher
 from rankgrpo.parsing import parse_recommendations
@@ -26,10 +30,19 @@ from rankgrpo.parsing import parse_recommendations
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_docstring_examples():
-    for module in (rra, embed):
-        result = doctest.testmod(module)
-        assert result.failed == 0 and result.attempted > 0
+@pytest.mark.parametrize("module", [rra, replies, pipeline, embed], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_the_equations_module_needs_only_torch():
+    """rra.py holds the equations as pure tensor functions: no teacher, catalog, file or parsing code."""
+    tree = ast.parse(open(rra.__file__, encoding="utf-8").read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "math", "typing", "torch"}
 
 
 # ----------------------------------------------------------------------------- Eq. 10
@@ -141,8 +154,8 @@ def test_judge_parser_on_messy_replies():
     assert parse_judge_reply("I cannot rate these.\n\x00\x01garbage", candidates).n_rated == 0
     assert parse_judge_reply("Heat (1995)####2", candidates, scale=1).ratings[0] == 1.0
     assert parse_judge_line("Heat (1995)####") is None
-    assert rra.validate_judge_reply("Heat (1995)####1") is None
-    assert rra.validate_judge_reply("no ratings at all") is not None
+    assert validate_judge_reply("Heat (1995)####1") is None
+    assert validate_judge_reply("no ratings at all") is not None
 
 
 # ----------------------------------------------------------------------------- Eq. 12-13
@@ -217,7 +230,7 @@ def test_top_n_excludes_seen_titles_of_any_year():
     scores = torch.tensor([[5.0, 1.0, 2.0, 4.0, 3.0]])
     assert top_n(scores, [seen], 2) == [[4, 2]]
     assert top_n(scores, [seen], 10) == [[4, 2, 1]]  # fewer than asked when the catalog runs out
-    assert rra.format_demo([4, 2], CATALOG) == "Ran (1985)\nAliens (1986)"
+    assert format_demo([4, 2], CATALOG) == "Ran (1985)\nAliens (1986)"
 
 
 def test_metadata_from_catalog_fields_and_teacher_replies():
