@@ -77,6 +77,7 @@ STARTED = time.perf_counter()  # the budget counts the imports too when run as a
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
+import importlib.util  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -89,13 +90,20 @@ from pathlib import Path  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-import bench_gpu_step  # noqa: E402
-import bench_sampling  # noqa: E402
+
+def load_sibling(name: str):
+    """A benchmark script beside this one, as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_gpu_step = load_sibling("bench_gpu_step")
+bench_sampling = load_sibling("bench_sampling")
 from rankgrpo import compiled_decode  # noqa: E402
 from rankgrpo.compiled_decode import release_static_cache  # noqa: E402
 from rankgrpo.config import arg, parse_config  # noqa: E402
