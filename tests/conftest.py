@@ -1,6 +1,26 @@
-"""Fixtures several test modules share."""
+"""Fixtures several test modules share, and the tiers the folders stand for.
+
+    tests/unit/         the math and its glue: losses, rewards, segmentation, parsing, metrics,
+                        the sampler against generate (`make test-fast`, under a minute)
+    tests/components/   one part each, on small files or models: data, catalog, sandbox,
+                        teacher, embedders, compiled decoding, docs
+    tests/integration/  the scripts end to end, in-process or as subprocesses (marked `integration`;
+                        the torchrun ones are marked `slow` too)
+    tests/real/         a real chat model and the authors' sample (marked `real`, `make test-real`)
+"""
+from pathlib import Path
+
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/integration/ carries the `integration` marker."""
+    for item in items:
+        if (TESTS / "integration") in Path(item.fspath).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,13 @@ from typing import Sequence
 
 import torch
 
+from rankgrpo.sandbox import SandboxConfig
 from rankgrpo.sft_data import SFTSample
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tiny sandbox world of the script-level tests: 200 films, 64 training conversations, a 2-layer model
+TINY = SandboxConfig(n_films=200, n_train=64, n_validation=8, n_test=8, hidden_size=64, num_layers=2,
+                     num_heads=2, num_kv_heads=1, intermediate_size=128, vocab_size=1024)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -11,7 +11,7 @@ import pytest
 from rankgrpo.catalog import CatalogError, load_catalog, normalize_title, year_offsets
 from rankgrpo.data import DataError, build_prompt, load_examples
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(path: Path, text: str) -> Path:

@@ -133,7 +133,7 @@ def test_save_to_disk_split_through_a_script(tmp_path, capsys):
 
     datasets.Dataset.from_list([row(), row()]).save_to_disk(str(tmp_path / "test"))
     (tmp_path / "catalog.jsonl").write_text('{"title": "Film Number 3", "year": 1983}\n')
-    spec = importlib.util.spec_from_file_location("evaluate_for_hf_dir", Path(__file__).parents[1] / "evaluate.py")
+    spec = importlib.util.spec_from_file_location("evaluate_for_hf_dir", Path(__file__).parents[2] / "evaluate.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_pipeline import ENV, ROOT, TINY, rl_args, sft_args, world  # noqa: F401  (world is a fixture)
+from helpers import TINY
+from test_pipeline import ENV, ROOT, rl_args, sft_args, world  # noqa: F401  (world is a fixture)
 
 from rankgrpo.catalog import load_catalog
 from rankgrpo.data import load_examples, write_examples

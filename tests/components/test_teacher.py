@@ -19,7 +19,7 @@ from rankgrpo.demos.teacher import (
 
 CLIENT_TIMEOUT = 0.3  # seconds; the "slow" fault sleeps longer than this
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeChatAPI:

@@ -25,7 +25,7 @@ from rankgrpo.models import tiny_model
 from rankgrpo.sampling import left_pad, sample, token_logprobs
 
 DEVICE = os.environ.get("RANKGRPO_CUDA_TEST_DEVICE", "cuda")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 128
 
 pytestmark = [

@@ -34,7 +34,7 @@ def _script_config():
     """The script's own config dataclass (loaded from its file, whatever sys.path holds)."""
     module = sys.modules.get("train_rankgrpo")
     if module is None:
-        path = Path(__file__).resolve().parents[1] / "train_rankgrpo.py"
+        path = Path(__file__).resolve().parents[2] / "train_rankgrpo.py"
         spec = importlib.util.spec_from_file_location("train_rankgrpo", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up there

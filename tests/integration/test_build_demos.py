@@ -22,7 +22,7 @@ from rankgrpo.parsing import parse_recommendations
 from rankgrpo.sandbox import SandboxConfig, SandboxTeacher, build_world, load_world
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("build_demos", ROOT / "build_demos.py")
 build_demos = sys.modules.setdefault("build_demos", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(build_demos)

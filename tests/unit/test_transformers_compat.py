@@ -24,7 +24,7 @@ from rankgrpo.models import tiny_model
 from rankgrpo.kv_cache import cache_argument
 from rankgrpo.sampling import sample
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("min_constraints", ROOT / "scripts" / "min_constraints.py")
 min_constraints = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(min_constraints)

@@ -17,14 +17,12 @@ from rankgrpo.data import load_examples, write_examples
 from rankgrpo.losses import sft_loss
 from rankgrpo.models import load_model, load_tokenizer
 from rankgrpo.parsing import format_recommendations
-from rankgrpo.sandbox import SandboxConfig, build_world
+from rankgrpo.sandbox import build_world
 from rankgrpo.sft_data import tokenize_sft
-from helpers import collate_right_padded
+from helpers import TINY, collate_right_padded
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-TINY = SandboxConfig(n_films=200, n_train=64, n_validation=8, n_test=8, hidden_size=64, num_layers=2,
-                     num_heads=2, num_kv_heads=1, intermediate_size=128, vocab_size=1024)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ It is held against our default scoring three ways:
 * hand-derived cases: |GT| > k, duplicates on both sides, the year tie-break, empty lists.
 
 Regenerate the fixture (only when the reference or the rows change on purpose):
-``python tests/test_eval_protocol.py --write-fixture``.
+``python tests/unit/test_eval_protocol.py --write-fixture``.
 """
 from __future__ import annotations
 
@@ -391,7 +391,7 @@ if __name__ == "__main__":
 def run_evaluate(*args):
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(root / "evaluate.py"), *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300)

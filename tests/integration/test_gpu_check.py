@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)
 sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up there
@@ -65,7 +65,7 @@ def test_tiny_check_on_cpu(tmp_path):
     assert all(p["wall_s"] <= data["seconds"] for p in data["parts"].values() if "wall_s" in p)
     tests = data["parts"]["tests"]  # collected without a GPU: every one skipped, so none ran
     assert tests["status"] == "not run" and tests["passed"] == 0 and tests["skipped"] >= 1
-    assert tests["returncode"] == 0 and "tests/test_cuda.py" in tests["files"]
+    assert tests["returncode"] == 0 and "tests/components/test_cuda.py" in tests["files"]
 
     a = data["parts"]["attention"]
     assert a["status"] == "passed" and a["attn_implementation"] == "sdpa"

@@ -1,6 +1,6 @@
 """`sample(..., compile=True)`: the static-cache, compiled one-token step against the eager
 sampler, against `generate`, and against teacher-forced log-probs (CPU, torch.compile's
-default mode; the CUDA-graph mode is covered by tests/test_cuda.py).
+default mode; the CUDA-graph mode is covered by tests/components/test_cuda.py).
 
 Compiling is the slow part (tens of seconds per graph on a busy CPU the first time; torch
 keeps compiled kernels on disk, so later runs are faster). Every test here uses the same tiny

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("bench_gpu_step", ROOT / "benchmarks" / "bench_gpu_step.py")
 bgs = importlib.util.module_from_spec(spec)
 sys.modules["bench_gpu_step"] = bgs  # dataclasses look their module up there
