@@ -185,8 +185,10 @@ def generate(cfg: EvaluateConfig, examples, catalog) -> list[str] | None:
                                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                           stop_after_items=cfg.stop_after_items or None, progress=world.is_main,
                                           compile=cfg.compile)
-    finally:
-        close_world(world)
+    except BaseException:
+        close_world(world, finished=False)
+        raise
+    close_world(world)
     return texts if world.is_main else None
 
 

@@ -27,6 +27,7 @@ RNG state of every rank and the world size. Under FSDP2 each rank writes its own
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 from dataclasses import dataclass
@@ -139,8 +140,15 @@ def init_world(device: str, fsdp: bool = False) -> World:
     return World(rank=rank, size=size, local_rank=local, mode="fsdp" if fsdp else "ddp", device=device)
 
 
-def close_world(world: World) -> None:
+def close_world(world: World, finished: bool = True) -> None:
+    """Leave the process group. After a run that ``finished`` on every rank: wait for all of them,
+    drop the finished collectives still referenced (their tensors must not outlive the interpreter:
+    gloo's worker threads would tear them down while Python shuts down), then destroy the group
+    while the interpreter is whole. After an error, destroy it at once: a peer may be gone."""
     if world.parallel and dist.is_initialized():
+        if finished:
+            dist.barrier()
+            gc.collect()
         dist.destroy_process_group()
 
 
@@ -149,9 +157,12 @@ def run_in_world(train, cfg) -> int:
     ``train(cfg, world)``, and tear the process group down however it ends."""
     world = init_world(cfg.device, cfg.fsdp)
     try:
-        return train(cfg, world)
-    finally:
-        close_world(world)
+        code = train(cfg, world)
+    except BaseException:
+        close_world(world, finished=False)
+        raise
+    close_world(world)
+    return code
 
 
 # ----------------------------------------------------------------------------- per-prompt sampling RNG
