@@ -401,7 +401,8 @@ def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
         a_line = advantages.gather(1, line).squeeze(1)
         a_eos = a_line if eos_advantage == "line" else torch.zeros_like(a_line)
         if in_line_shaping:
-            a_eos = a_eos + torch.where(stops, early_stop_penalty, 0.0) + torch.where(exact, exact_length_bonus, 0.0)
+            a_eos = torch.where(stops, a_eos + early_stop_penalty, a_eos)   # python floats keep the dtype
+            a_eos = torch.where(exact, a_eos + exact_length_bonus, a_eos)
         w_line = ratio.gather(1, line).squeeze(1)
         change = (_clipped_surrogate(w_line, a_eos, eps_low, eps_high)
                   - _clipped_surrogate(w_line, a_line, eps_low, eps_high))
