@@ -340,6 +340,16 @@ def test_reward_matching_in_place_and_parsed_list():
         rank_relevance(items, GT, SEEN, CATALOG, matching="exact")
 
 
+def test_parsed_list_folds_case_and_spaces_against_the_ground_truth():
+    # The catalog gate is exact, the ground-truth comparison is not: "Heat (1995)" is the catalog row,
+    # and matches the ground truth written "HEAT" (casefold) 1996 (within 2 years); "The Thing (1982)"
+    # matches "the  thing" (spaces collapsed, casefold). Both rules give [1, 1] here.
+    items = parse_recommendations("Heat (1995)\nThe Thing (1982)")
+    gt = [("HEAT", 1996), ("the  thing", 1982)]
+    assert rank_relevance(items, gt, [], CATALOG, n_items=2, matching="parsed_list").tolist() == [1, 1]
+    assert rank_relevance(items, gt, [], CATALOG, n_items=2).tolist() == [1, 1]
+
+
 def test_parsed_list_keeps_an_implausible_four_digit_year_in_its_place():
     # "(0999)" parses in process_rec_raw (a four-digit year), so the line takes a slot and scores 0 at
     # the catalog filter; Heat after it is parsed item 1. "(99)" does not parse and is dropped.
