@@ -27,7 +27,6 @@ interrupted ablation continues where it stopped. OUT/summary.json holds every di
 from __future__ import annotations
 
 import importlib.util
-import json
 import shlex
 import subprocess
 import sys
