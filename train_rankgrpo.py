@@ -12,6 +12,7 @@ One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
     python train_rankgrpo.py                                     # sandbox defaults, from runs/sft/final
     python train_rankgrpo.py --preset paper --model runs/sft/final --data train.jsonl --catalog catalog.jsonl
     python train_rankgrpo.py --algo grpo                         # the vanilla GRPO baseline
+    python train_rankgrpo.py --objective authors                 # the authors' released trainer's rules
     python train_rankgrpo.py --out runs/rl --resume              # continue exactly
     python train_rankgrpo.py --constrained                       # rollouts and log-probs under the catalog constraint
     torchrun --nproc-per-node 4 train_rankgrpo.py ... [--fsdp]   # data parallel: each GPU owns 1/4 of the prompts
@@ -39,7 +40,7 @@ from rankgrpo.distributed import (inference_model, prompt_generators, resume_tra
                                   save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.models import load_model
-from rankgrpo.rl import prepare_batch, rollout_metrics, sync, update_pass
+from rankgrpo.rl import prepare_batch, resolve_objective, rollout_metrics, sync, update_pass
 from rankgrpo.sampling import sample
 from rankgrpo.models import eos_token_ids
 from rankgrpo.schedules import parse_lr_schedule, step_schedule
@@ -86,8 +87,44 @@ class TrainRankGRPOConfig(TrainerConfig):
                                "3e-4 gspo).")
     eps_high: float = arg(-1.0, "Upper clip epsilon (-1: paper value: 0.08 / 0.26 / 4e-4).")
     beta: float = arg(1e-3, "KL coefficient (k3 to the frozen reference); 0 skips the reference model.", min=0)
-    aggregation: str = arg("rank_mean", "rank_mean (paper Eq. 6) or token_mean (the authors' code).",
-                           choices=["rank_mean", "token_mean"])
+    objective: str = arg("paper", "Which rules the loss and the reward follow where the authors' released trainer "
+                                  "departs from the paper's equations: 'paper' (the equations) or 'authors' (their "
+                                  "libs/trl/rank_grpo_trainer.py on TRL 0.21, which produced the paper's tables). "
+                                  "It sets the defaults of --aggregation, --baseline-aggregation, --eos-advantage, "
+                                  "--exact-length-bonus, --early-stop-unit, --overflow-ratio and --reward-matching; "
+                                  "each of those given explicitly wins. docs/algorithm.md has the table.",
+                         choices=["paper", "authors"])
+    aggregation: str | None = arg(None, "Rank-GRPO loss aggregation: rank_mean (paper Eq. 6: every rank weighs the "
+                                        "same), token_mean (ranks weighted by their tokens, one global token count) "
+                                        "or micro_token_mean (the authors': TRL 0.21 'bnpo', each micro-batch's token "
+                                        "mean, averaged over micro-batches). Unset: paper rank_mean, authors "
+                                        "micro_token_mean.", choices=["rank_mean", "token_mean", "micro_token_mean"])
+    baseline_aggregation: str | None = arg(None, "GRPO / GSPO aggregation: sequence_mean (a mean per list, TRL "
+                                                 "loss_type='grpo'), token_mean or micro_token_mean (TRL 0.21's "
+                                                 "default 'bnpo'). Unset: paper sequence_mean, authors "
+                                                 "micro_token_mean.",
+                                           choices=["sequence_mean", "token_mean", "micro_token_mean"])
+    eos_advantage: str | None = arg(None, "Advantage of the <eos> token inside its line: 'line' (the line's, as "
+                                          "every other token) or 'zero' (the authors zero it). Unset: paper line, "
+                                          "authors zero.", choices=["line", "zero"])
+    exact_length_bonus: float | None = arg(None, "Advantage added on the <eos> of a list of exactly N lines (the "
+                                                 "authors' undocumented end_of_list_reward; 0 = off). Unset: paper "
+                                                 "0, authors 0.1.", min=0)
+    early_stop_unit: str | None = arg(None, "Where the <eos> shaping terms (--early-stop-penalty, "
+                                            "--exact-length-bonus) sit: 'eos' (a unit of the <eos> token alone, "
+                                            "its own ratio) or 'last_line' (added to <eos>'s advantage inside its "
+                                            "line, whose ratio is the whole line's, as the authors). Unset: paper "
+                                            "eos, authors last_line.", choices=["eos", "last_line"])
+    overflow_ratio: str | None = arg(None, "Ratio of the lines past N: 'per_line' (each overflow line its own "
+                                           "unit) or 'shared' (one ratio bin for all overflow tokens, as the "
+                                           "authors). Unset: paper per_line, authors shared.",
+                                     choices=["per_line", "shared"])
+    reward_matching: str | None = arg(None, "Relevance rule: 'in_place' (line k is rank k; normalised titles, "
+                                            "year-tolerant catalog) or 'parsed_list' (the authors' reward: k-th "
+                                            "parsed item, exact (title, year) catalog rows, blank and unparseable "
+                                            "lines dropped, so later rewards shift against their tokens). Unset: "
+                                            "paper in_place, authors parsed_list.",
+                                      choices=["in_place", "parsed_list"])
     overflow_penalty: float = arg(-0.1, "eps_o: advantage of each line past N (0 = off).", max=0)
     early_stop_penalty: float = arg(-0.1, "eps_u: advantage of an <eos> before N lines (0 = off).", max=0)
     temperature: float = arg(1.0, "Sampling temperature (paper 1.0); log-probs use the same temperature.", above=0)
@@ -127,6 +164,7 @@ class TrainRankGRPOConfig(TrainerConfig):
             elif not 0 <= value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1) or -1 (the paper's value), "
                                   f"got {value}")
+        resolve_objective(self)  # the unset settings from --objective, written into config.json
         if self.reward == "exp" and not self.gamma > 1:
             raise SystemExit("error: --reward exp needs --gamma > 1")
         if self.group_size < 2:

@@ -20,13 +20,31 @@ loss or its gradient.
 | App. C, k3 KL estimator (beta = 1e-3) | ``k3_kl`` |
 | §2.3.3, length shaping eps_o / eps_u | ``rank_grpo_loss`` keywords; ``eos_positions`` |
 | Eq. 6 (authors' code: per token), aggregation | ``rank_grpo_loss(aggregation=, denom=)``, ``loss_denominator`` |
+
+**The authors' objective.** The paper's tables come from the authors' released trainer
+(``libs/trl/rank_grpo_trainer.py``, ``RankGRPOTrainer._compute_loss`` and
+``_generate_and_score_completions``, run by ``train_rank_grpo.py`` on TRL 0.21), which departs
+from the equations in a few places. Each departure is a named keyword here whose default is the
+paper's rule: ``eos_advantage``, ``exact_length_bonus``, ``early_stop_unit``,
+``overflow_ratio`` and ``aggregation="micro_token_mean"`` of ``rank_grpo_loss``, and
+``aggregation=`` of ``grpo_loss`` / ``gspo_loss``. The reward's departure is
+``rankgrpo.rewards.rank_relevance(matching=)``; ``rankgrpo.rl.OBJECTIVES`` sets them all at once.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-AGGREGATIONS = ("rank_mean", "token_mean")
+AGGREGATIONS = ("rank_mean", "token_mean", "micro_token_mean")
+BASELINE_AGGREGATIONS = ("sequence_mean", "token_mean", "micro_token_mean")
+EOS_ADVANTAGES = ("line", "zero")
+EARLY_STOP_UNITS = ("eos", "last_line")
+OVERFLOW_RATIOS = ("per_line", "shared")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,7 +155,7 @@ def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, e
     return torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
 
 
-def loss_denominator(aggregation: str, mask: torch.Tensor, n_ranks: int):
+def loss_denominator(aggregation: str, mask: torch.Tensor, n_ranks: int, n_micro_batches: int = 1):
     """The normaliser of one batch under each aggregation, for gradient accumulation.
 
     "rank_mean": B * n_ranks (ranks, Eq. 6); "token_mean": number of masked tokens;
@@ -146,15 +164,31 @@ def loss_denominator(aggregation: str, mask: torch.Tensor, n_ranks: int):
     every micro-batch's loss: the summed micro-batch losses then equal the loss of the whole
     batch (a mean of per-micro-batch means would not when token counts differ).
 
-    mask: [B, T]. Returns an int, or a 0-dim tensor for "token_mean".
+    "micro_token_mean" is that mean of per-micro-batch means, on purpose: the authors' trainer
+    (TRL 0.21's default ``loss_type="bnpo"``, ``GRPOTrainer._compute_loss``) divides each
+    micro-batch's token sum by the micro-batch's own token count, and gradient accumulation
+    (and DDP's gradient average) then averages the micro-batches. Call it with ``mask`` = ONE
+    micro-batch's mask and ``n_micro_batches`` = the number of micro-batches of the optimiser
+    step over all processes: it returns n_tokens(micro-batch) * n_micro_batches, so summing
+    the micro-batch losses gives (1/M) Σ_j (token sum_j / n_tokens_j). For the other
+    aggregations ``n_micro_batches`` is ignored.
+
+    mask: [B, T]. Returns an int, or a 0-dim tensor for the token aggregations.
+
+    >>> m = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    >>> loss_denominator("token_mean", m, 2), loss_denominator("micro_token_mean", m, 2, n_micro_batches=3)
+    (tensor(4), tensor(12))
     """
     if aggregation == "rank_mean":
         return mask.shape[0] * n_ranks
     if aggregation == "token_mean":
         return mask.bool().sum()
+    if aggregation == "micro_token_mean":
+        return mask.bool().sum() * n_micro_batches
     if aggregation == "sequence_mean":
         return mask.shape[0]
-    raise ValueError(f"aggregation must be 'rank_mean', 'token_mean' or 'sequence_mean', got {aggregation!r}")
+    raise ValueError(f"aggregation must be 'rank_mean', 'token_mean', 'micro_token_mean' or 'sequence_mean', "
+                     f"got {aggregation!r}")
 
 
 def _positive(denom):
@@ -187,19 +221,19 @@ def _check_token_inputs(logp, old_logp, ref_logp, mask, beta):
         raise ValueError("beta != 0 needs ref_logp (the frozen reference policy's log-probs)")
 
 
-def _premature_stops(rank_ids, mask, eos_index, n_ranks):
-    """[B] bool: the row ended with <eos> on a line before the last rank (fewer than N lines)."""
+def _eos_lines(rank_ids, mask, eos_index):
+    """(ended [B] bool, eos_line [B] long): whether the row ended with <eos>, and the line its <eos> is in."""
     ended = eos_index >= 0
     at = eos_index.long().clamp(min=0).unsqueeze(1)
     if not bool(torch.all(~ended | mask.bool().gather(1, at).squeeze(1))):
         raise ValueError("eos_index must point at a masked completion token (or be -1 for a cut completion)")
-    eos_rank = rank_ids.long().gather(1, at).squeeze(1)
-    return ended & (eos_rank < n_ranks - 1)
+    return ended, rank_ids.long().gather(1, at).squeeze(1)
 
 
 def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
                    eps_low=0.06, eps_high=0.08, beta=1e-3, aggregation="rank_mean",
-                   overflow_penalty=-0.1, early_stop_penalty=-0.1, eos_index=None, denom=None):
+                   overflow_penalty=-0.1, early_stop_penalty=-0.1, eos_index=None, denom=None,
+                   eos_advantage="line", exact_length_bonus=0.0, early_stop_unit="eos", overflow_ratio="per_line"):
     """Rank-GRPO loss = -J (Eq. 6) + beta * KL, with optional length shaping (§2.3.3).
 
     Inputs (B = prompts x G, T completion tokens, N = advantages.shape[-1]):
@@ -209,7 +243,7 @@ def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
       advantages: [B, N] Â_{i,k} (``group_advantages`` of the causal returns);
       eos_index: LongTensor [B], column of the <eos> token in each row, -1 where the
         completion was cut before <eos> (``eos_positions(lengths, ended_with_eos)``);
-        needed only when early_stop_penalty != 0;
+        needed when early_stop_penalty != 0, exact_length_bonus != 0 or eos_advantage="zero";
       denom: global normaliser for gradient accumulation (``loss_denominator``); None means
         this batch's own.
 
@@ -223,8 +257,37 @@ def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
         the <eos> token alone, ratio π_θ(eos)/π_old(eos), advantage ``early_stop_penalty``
         (eps_u, paper: -0.1). The <eos> token also stays in its line's unit.
     The shaping values are advantage terms added after normalisation (as the authors' code
-    does), not rewards; 0 switches each off. The authors' undocumented +0.1 bonus for exactly
-    N lines is not added. A trailing "\\n" after line N-1 makes an overflow line holding <eos>.
+    does), not rewards; 0 switches each off. A trailing "\\n" after line N-1 makes an overflow
+    line holding <eos>.
+
+    **The authors' rules** (``libs/trl/rank_grpo_trainer.py``: ``_segment_items_from_tokens``
+    builds the segments, ``_generate_and_score_completions`` the per-token advantages,
+    ``_compute_loss`` the per-token loss). Each keyword's default is the paper's rule above:
+      * ``eos_advantage="zero"``: the <eos> token's advantage in its line is 0 instead of Â_k
+        (the authors zero the advantage at the EOS position before shaping). Only an <eos> on
+        a rank line k < N is affected; an <eos> in overflow keeps eps_o, which the authors add
+        to every overflow token after the zeroing.
+      * ``exact_length_bonus=b``: a row that ended with <eos> on line N-1 (exactly N lines, no
+        overflow) gets +b on its <eos> (the authors' ``end_of_list_reward``, +0.1, not in the
+        paper). It is an <eos> shaping term like eps_u and sits in the unit
+        ``early_stop_unit`` chooses.
+      * ``early_stop_unit="last_line"``: eps_u (and b) are added to the <eos> token's
+        advantage inside its line's unit, whose ratio is the whole line's geometric mean, so
+        the term's gradient spreads over the line's tokens; ``"eos"`` (default) makes <eos>
+        alone a unit with its own ratio.
+      * ``overflow_ratio="shared"``: all tokens past line N-1 form ONE unit with one
+        geometric-mean ratio and advantage eps_o (the authors' 21st ratio bin); ``"per_line"``
+        (default) gives each overflow line its own unit and ratio.
+      * ``aggregation="micro_token_mean"``: below.
+    With every one of them, the authors' per-token loss is reproduced: -min(w_u(t) a_t,
+    clip(w_u(t)) a_t) + beta KL_t for every masked token t, where u(t) is the token's line
+    (or the shared overflow bin) and a_t its advantage (Â_k; 0 + eps_u or b on <eos>; eps_o on
+    overflow tokens).
+    Inside a unit whose tokens do not all share one advantage (the <eos> under
+    ``eos_advantage="zero"`` or ``early_stop_unit="last_line"``), the unit's term is the
+    mean (rank_mean) or the sum (token aggregations) over its tokens t of
+    min(w a_t, clip(w) a_t), which is the authors' per-token term summed; when every token
+    shares the unit's advantage this is the plain unit term.
 
     **Aggregation.**
       * "rank_mean" (paper, Eq. 6), D = B*N by default:
@@ -235,19 +298,24 @@ def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
         units with the same 1/D, so it enters like a per-rank term: every rank weighs the
         same in the KL as in the policy term, the KL gradient of a token carries the same
         1/|y^(k)| as its policy gradient, and accumulation with ``denom`` stays exact.
-      * "token_mean" (the authors' code, TRL 0.21 "bnpo"), D = number of masked tokens:
+      * "token_mean" (the authors' per-token weighting with one global token count), D =
+        number of masked tokens:
             loss = -(1/D) [Σ_units |unit| min(w A, clip(w) A)] + beta (1/D) Σ_t KL_t
         The unit's ratio and advantage are copied onto each of its tokens, so each rank is
-        weighted by its token count (the stop unit has one token). Unlike the authors' code,
-        overflow lines keep one ratio each (not one shared bin) and <eos> keeps its line's
-        advantage besides the stop term.
+        weighted by its token count (the <eos> unit has one token).
+      * "micro_token_mean" (the authors' code: TRL 0.21's default ``loss_type="bnpo"``): the
+        same sum as token_mean, but over ONE micro-batch, divided by its own token count and
+        averaged over the step's micro-batches. Pass ``denom = loss_denominator(
+        "micro_token_mean", micro_batch_mask, N, n_micro_batches=M)``; with ``denom=None`` it
+        equals token_mean on this batch.
 
     Returns ``(loss, metrics)``; metrics (floats, per-rank lists) are computed without grad:
     "loss", "loss/policy", "loss/kl" (beta times the KL term), "kl" (mean token k3),
     "ratio/mean|min|max" over units, "clip/low_frac" (A < 0 and w < 1 - eps_low) and
     "clip/high_frac" (A > 0 and w > 1 + eps_high): fractions of units whose gradient the clip
     zeroes; "adv/mean", "adv/std", "adv/zero_frac", "adv/rank_mean", "adv/rank_abs_mean"
-    ([N] lists), "units/empty_rank_frac", "units/overflow", "units/early_stop", "n_tokens".
+    ([N] lists), "units/empty_rank_frac", "units/overflow", "units/early_stop",
+    "units/exact_length" (rows given the exact-length bonus), "n_tokens".
 
     Worked example (B=1, N=2; tokens 0-1 are rank 0, tokens 2-4 rank 1, the last is padding):
 
@@ -260,20 +328,35 @@ def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
     >>> # w_0 = exp(0.03) = 1.0305 (A=+1), w_1 = exp(-0.05) = 0.9512 (A=-1): -(1.0305 - 0.9512)/2
     >>> round(loss.item(), 4), round(m["ratio/max"], 4), round(m["ratio/min"], 4)
     (-0.0396, 1.0305, 0.9512)
+    >>> # the same rows with token 4 as <eos> (exactly N lines) under the authors' <eos> rules:
+    >>> # its advantage is 0 + 0.1 inside rank 1, so rank 1's mean term is
+    >>> # (2 * (-0.9512) + min(0.9512 * 0.1, 0.9512 * 0.1)) / 3 = -0.6024: -(1.0305 - 0.6024)/2
+    >>> loss, m = rank_grpo_loss(logp, old, None, ranks, mask, adv, beta=0.0, overflow_penalty=0.0,
+    ...                          early_stop_penalty=0.0, eos_index=torch.tensor([4]), eos_advantage="zero",
+    ...                          exact_length_bonus=0.1, early_stop_unit="last_line")
+    >>> round(loss.item(), 3)
+    -0.214
     """
     _check_token_inputs(logp, old_logp, ref_logp, mask, beta)
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    _check_choice("eos_advantage", eos_advantage, EOS_ADVANTAGES)
+    _check_choice("early_stop_unit", early_stop_unit, EARLY_STOP_UNITS)
+    _check_choice("overflow_ratio", overflow_ratio, OVERFLOW_RATIOS)
     if advantages.dim() != 2 or advantages.shape[0] != logp.shape[0]:
         raise ValueError(f"advantages must be [B, N] with B = {logp.shape[0]}, got {tuple(advantages.shape)}")
-    if early_stop_penalty != 0 and eos_index is None:
-        raise ValueError("early_stop_penalty != 0 needs eos_index ([B], -1 for completions cut before <eos>)")
+    eos_shaping = early_stop_penalty != 0 or exact_length_bonus != 0
+    if (eos_shaping or eos_advantage == "zero") and eos_index is None:
+        raise ValueError("early_stop_penalty != 0, exact_length_bonus != 0 and eos_advantage='zero' need "
+                         "eos_index ([B], -1 for completions cut before <eos>)")
     mask = mask.bool()
     rank_ids = rank_ids.long()
     if bool(torch.any(mask & (rank_ids < 0))):
         raise ValueError("every masked token needs a rank id >= 0 (see rankgrpo.segment.token_ranks)")
     n_rows, n_ranks = advantages.shape
     zero = logp.new_zeros(())
+    if overflow_ratio == "shared":  # the authors' one overflow bin: every line >= N is unit N
+        rank_ids = rank_ids.clamp(max=n_ranks)
 
     # Stage 1: line units 0 .. n_lines-1; lines >= N are overflow.
     last_line = int(torch.where(mask, rank_ids, -1).max()) if mask.numel() else -1
@@ -286,22 +369,54 @@ def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
     ratio = torch.exp(log_w)
     surrogate = _clipped_surrogate(ratio, unit_adv, eps_low, eps_high)     # 0 on empty units (A = 0)
 
-    # Stage 2: the premature-stop unit, the <eos> token alone.
-    if early_stop_penalty != 0:
-        stops = _premature_stops(rank_ids, mask, eos_index, n_ranks)          # [B]
-        at = eos_index.clamp(min=0).long().unsqueeze(1)
-        eos_log_w = torch.where(stops, (logp.gather(1, at) - old_logp.gather(1, at)).squeeze(1), zero)
-        stop_ratio = torch.exp(eos_log_w)
-        stop_adv = torch.where(stops, torch.full_like(stop_ratio, early_stop_penalty), zero)
-        stop_surrogate = torch.where(stops, _clipped_surrogate(stop_ratio, stop_adv, eps_low, eps_high), zero)
-    else:
-        stops = torch.zeros(n_rows, dtype=torch.bool, device=logp.device)
-        stop_ratio = stop_adv = stop_surrogate = logp.new_zeros(n_rows)
+    # Stage 2: where the row's <eos> is: premature stop (line < N-1), exactly N lines (line N-1).
+    no_row = torch.zeros(n_rows, dtype=torch.bool, device=logp.device)
+    stops, exact = no_row, no_row
+    if eos_shaping or eos_advantage == "zero":
+        ended, eos_line = _eos_lines(rank_ids, mask, eos_index)
+        if early_stop_penalty != 0:
+            stops = ended & (eos_line < n_ranks - 1)
+        if exact_length_bonus != 0:
+            exact = ended & (eos_line == n_ranks - 1)
 
-    # Stage 3: aggregate (per-unit weight 1 for rank_mean, |unit| tokens for token_mean).
+    # Stage 3a: the <eos> unit, the <eos> token alone (early_stop_unit="eos").
+    eos_unit = no_row
+    stop_ratio = stop_adv = stop_surrogate = logp.new_zeros(n_rows)
+    if early_stop_unit == "eos" and eos_shaping:
+        eos_unit = stops | exact
+        at = eos_index.clamp(min=0).long().unsqueeze(1)
+        eos_log_w = torch.where(eos_unit, (logp.gather(1, at) - old_logp.gather(1, at)).squeeze(1), zero)
+        stop_ratio = torch.exp(eos_log_w)
+        stop_adv = torch.where(stops, torch.full_like(stop_ratio, early_stop_penalty),
+                               torch.where(exact, torch.full_like(stop_ratio, exact_length_bonus), zero))
+        stop_surrogate = torch.where(eos_unit, _clipped_surrogate(stop_ratio, stop_adv, eps_low, eps_high), zero)
+
+    # Stage 3b: an <eos> whose advantage differs from its line's: replace its token's term
+    # min(w Â_k, clip(w) Â_k) by min(w a_eos, clip(w) a_eos), w = its line's ratio.
+    eos_correction = None
+    in_line_shaping = early_stop_unit == "last_line" and eos_shaping
+    if eos_advantage == "zero" or in_line_shaping:
+        line = eos_line.clamp(0, n_ranks - 1).unsqueeze(1)
+        in_rank = ended & (eos_line < n_ranks)                                 # <eos> on a rank line
+        a_line = advantages.gather(1, line).squeeze(1)
+        a_eos = a_line if eos_advantage == "line" else torch.zeros_like(a_line)
+        if in_line_shaping:
+            a_eos = torch.where(stops, a_eos + early_stop_penalty, a_eos)   # python floats keep the dtype
+            a_eos = torch.where(exact, a_eos + exact_length_bonus, a_eos)
+        w_line = ratio.gather(1, line).squeeze(1)
+        change = (_clipped_surrogate(w_line, a_eos, eps_low, eps_high)
+                  - _clipped_surrogate(w_line, a_line, eps_low, eps_high))
+        if aggregation == "rank_mean":                                         # the unit's mean over its tokens
+            change = change / counts.gather(1, line).squeeze(1).clamp(min=1).to(change.dtype)
+        eos_correction = torch.where(in_rank, change, zero)
+
+    # Stage 4: aggregate (per-unit weight 1 for rank_mean, |unit| tokens for the token means).
     denom = loss_denominator(aggregation, mask, n_ranks) if denom is None else denom
     weight = present.to(logp.dtype) if aggregation == "rank_mean" else counts.to(logp.dtype)
-    policy_loss = -((surrogate * weight).sum() + stop_surrogate.sum()) / _positive(denom)
+    policy_sum = (surrogate * weight).sum() + stop_surrogate.sum()
+    if eos_correction is not None:
+        policy_sum = policy_sum + eos_correction.sum()
+    policy_loss = -policy_sum / _positive(denom)
     kl_token = k3_kl(logp, ref_logp, mask) if ref_logp is not None else None
     if beta != 0:
         if aggregation == "rank_mean":
@@ -315,15 +430,15 @@ def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
 
     with torch.no_grad():
         metrics = _rank_metrics(loss, policy_loss, kl_loss, kl_token, mask, advantages, counts, present,
-                                ratio, unit_adv, stops, stop_ratio, stop_adv, eps_low, eps_high)
+                                ratio, unit_adv, stops, exact, eos_unit, stop_ratio, stop_adv, eps_low, eps_high)
     return loss, metrics
 
 
 def _rank_metrics(loss, policy_loss, kl_loss, kl_token, mask, advantages, counts, present,
-                  ratio, unit_adv, stops, stop_ratio, stop_adv, eps_low, eps_high):
+                  ratio, unit_adv, stops, exact, eos_unit, stop_ratio, stop_adv, eps_low, eps_high):
     n_ranks = advantages.shape[1]
-    unit_ratio = torch.cat([ratio[present], stop_ratio[stops]])
-    adv = torch.cat([unit_adv[present], stop_adv[stops]])
+    unit_ratio = torch.cat([ratio[present], stop_ratio[eos_unit]])
+    adv = torch.cat([unit_adv[present], stop_adv[eos_unit]])
     n_units = max(unit_ratio.numel(), 1)
     clipped_low = ((adv < 0) & (unit_ratio < 1 - eps_low)).sum() / n_units
     clipped_high = ((adv > 0) & (unit_ratio > 1 + eps_high)).sum() / n_units
@@ -338,6 +453,7 @@ def _rank_metrics(loss, policy_loss, kl_loss, kl_token, mask, advantages, counts
         "adv/zero_frac": (advantages == 0).float().mean(),
         "units/empty_rank_frac": (~present[:, :n_ranks]).float().mean(),
         "units/overflow": present[:, n_ranks:].sum(), "units/early_stop": stops.sum(),
+        "units/exact_length": exact.sum(),
         "n_tokens": n_tokens,
     }
     if kl_token is not None:
@@ -354,7 +470,8 @@ def _rank_metrics(loss, policy_loss, kl_loss, kl_token, mask, advantages, counts
 # Baselines: GRPO (token ratio) and GSPO (list ratio), one advantage per list
 # ---------------------------------------------------------------------------------------
 
-def grpo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=0.2, eps_high=0.26, beta=1e-3, denom=None):
+def grpo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=0.2, eps_high=0.26, beta=1e-3, denom=None,
+              aggregation="sequence_mean"):
     """Vanilla GRPO loss = -J (Eq. 3) + beta * KL: token ratio, one advantage per list.
 
         loss = -(1/D) Σ_i (1/|y_i|) Σ_t min(w_it Â_i, clip(w_it, 1-eps_low, 1+eps_high) Â_i)
@@ -362,7 +479,14 @@ def grpo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=0.2, eps_hi
 
     D = B by default (``loss_denominator("sequence_mean", ...)``); a row with no tokens
     contributes 0 but counts in B. Gradient (Eq. 4): Σ_i (1/|y_i|) Σ_t w_it Â_i ∇log π(y_it)
-    inside the clip range.
+    inside the clip range. This per-list mean is TRL's ``loss_type="grpo"``.
+
+    ``aggregation="token_mean"`` / ``"micro_token_mean"``: TRL 0.21's default ``"bnpo"``, which a
+    stock TRL trainer (as the authors presumably ran their baselines with) applies:
+        loss = -(1/D) Σ_i Σ_t min(...) + beta (1/D) Σ_i Σ_t KL_t,   D = number of masked tokens
+    so each list weighs by its length. "micro_token_mean" takes D per micro-batch and averages
+    the micro-batches (``loss_denominator("micro_token_mean", ...)``); with ``denom=None`` the two
+    are the same.
 
     logp, old_logp, ref_logp, mask: [B, T]; advantages: [B] (``group_advantages`` of DCG@N).
     Returns ``(loss, metrics)`` with "loss", "loss/policy", "loss/kl", "kl", "ratio/mean|min|max"
@@ -376,6 +500,7 @@ def grpo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=0.2, eps_hi
     -0.00167
     """
     _check_token_inputs(logp, old_logp, ref_logp, mask, beta)
+    _check_choice("aggregation", aggregation, BASELINE_AGGREGATIONS)
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be [B] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
     mask = mask.bool()
@@ -385,10 +510,15 @@ def grpo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=0.2, eps_hi
     ratio = torch.exp(log_w)
     adv = advantages.unsqueeze(1).expand_as(ratio)
     surrogate = torch.where(mask, _clipped_surrogate(ratio, adv, eps_low, eps_high), zero)
-    denom = loss_denominator("sequence_mean", mask, 1) if denom is None else denom
-    policy_loss = -(surrogate.sum(dim=1) / lengths).sum() / _positive(denom)
+    denom = loss_denominator(aggregation, mask, 1) if denom is None else denom
+    per_list = aggregation == "sequence_mean"
+    policy_loss = -((surrogate.sum(dim=1) / lengths).sum() if per_list else surrogate.sum()) / _positive(denom)
     kl_token = k3_kl(logp, ref_logp, mask) if ref_logp is not None else None
-    kl_loss = beta * (kl_token.sum(dim=1) / lengths).sum() / _positive(denom) if beta != 0 else zero
+    if beta != 0:
+        kl_sum = (kl_token.sum(dim=1) / lengths).sum() if per_list else kl_token.sum()
+        kl_loss = beta * kl_sum / _positive(denom)
+    else:
+        kl_loss = zero
     loss = policy_loss + kl_loss
     with torch.no_grad():
         token_ratio = ratio[mask]
@@ -411,7 +541,8 @@ def grpo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=0.2, eps_hi
     return loss, metrics
 
 
-def gspo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=3e-4, eps_high=4e-4, beta=1e-3, denom=None):
+def gspo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=3e-4, eps_high=4e-4, beta=1e-3, denom=None,
+              aggregation="sequence_mean"):
     """GSPO loss (App. B Eq. 15, App. C): one geometric-mean ratio and one advantage per list.
 
         s_i = exp((1/|y_i|) Σ_t (log π_θ(y_it) - log π_old(y_it)))
@@ -420,6 +551,9 @@ def gspo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=3e-4, eps_h
 
     This is Rank-GRPO with the whole list as a single rank (N = 1, no length shaping), and is
     computed that way. D = B by default. Gradient (App. B Eq. 15): Σ_i s_i Â_i (1/|y_i|) Σ_t ∇log π.
+    ``aggregation="token_mean"`` / ``"micro_token_mean"`` is TRL 0.21's default "bnpo" (see
+    ``grpo_loss``): s_i and Â_i copied onto each of the list's tokens, D = masked tokens, so each
+    list weighs by its length (``rank_grpo_loss``'s token aggregations with N = 1).
 
     logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. Returns ``(loss, metrics)`` with the
     metrics of ``rank_grpo_loss`` (units are lists).
@@ -431,11 +565,13 @@ def gspo_loss(logp, old_logp, ref_logp, mask, advantages, *, eps_low=3e-4, eps_h
     >>> round(loss.item(), 4)
     -0.0526
     """
+    _check_choice("aggregation", aggregation, BASELINE_AGGREGATIONS)
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be [B] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
     one_rank = torch.zeros_like(mask, dtype=torch.long)
     return rank_grpo_loss(logp, old_logp, ref_logp, one_rank, mask, advantages.unsqueeze(1),
-                          eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation="rank_mean",
+                          eps_low=eps_low, eps_high=eps_high, beta=beta,
+                          aggregation="rank_mean" if aggregation == "sequence_mean" else aggregation,
                           overflow_penalty=0.0, early_stop_penalty=0.0, eos_index=None, denom=denom)
 
 

@@ -11,6 +11,11 @@
                          reuses the behaviour log-probs stored by the first
 
 Rows of a rollout are prompt-major: row b belongs to prompt b // G (``Rollout.prompt_index``).
+
+``OBJECTIVES`` names the two objectives: "paper" (the equations, the default) and "authors" (what
+the authors' released trainer computes; the paper's tables come from it). Each of its seven
+settings is a config field of its own; a field left None takes the objective's value
+(``objective_setting``).
 """
 from __future__ import annotations
 
@@ -36,14 +41,56 @@ from rankgrpo.trainer import share_prompt_prefix
 
 LOGGED_RANKS = (1, 2, 5, 10, 15, 20)
 
+# Where the authors' released trainer (libs/trl/rank_grpo_trainer.py on TRL 0.21, run by
+# train_rank_grpo.py) departs from the paper's equations, one setting per departure:
+#   eos_advantage         the <eos> token's advantage is zeroed (RankGRPOTrainer._generate_and_score_completions)
+#   exact_length_bonus    +0.1 on the <eos> of a list of exactly N lines (end_of_list_reward, same place)
+#   early_stop_unit       the -0.1 early-stop penalty rides on <eos> inside its line's ratio (same place)
+#   overflow_ratio        one ratio bin for all tokens past line N (RankGRPOTrainer._compute_loss)
+#   aggregation           TRL 0.21's "bnpo": per-micro-batch token means, averaged (GRPOTrainer._compute_loss)
+#   reward_matching       libs/metrics_align.py::evaluate_direct_match_aligned on process_rec_raw's list
+#   baseline_aggregation  GRPO / GSPO under the same TRL default ("bnpo") instead of per-list means
+OBJECTIVES = {
+    "paper": dict(eos_advantage="line", exact_length_bonus=0.0, early_stop_unit="eos", overflow_ratio="per_line",
+                  aggregation="rank_mean", reward_matching="in_place", baseline_aggregation="sequence_mean"),
+    "authors": dict(eos_advantage="zero", exact_length_bonus=0.1, early_stop_unit="last_line",
+                    overflow_ratio="shared", aggregation="micro_token_mean", reward_matching="parsed_list",
+                    baseline_aggregation="micro_token_mean"),
+}
+
+
+def objective_setting(cfg, name: str):
+    """``cfg.<name>``, or the value ``cfg.objective`` ("paper" when absent) gives it when the field is
+    None or missing: a setting given explicitly wins over the objective's.
+
+    >>> from types import SimpleNamespace
+    >>> objective_setting(SimpleNamespace(objective="authors", aggregation="rank_mean"), "aggregation")
+    'rank_mean'
+    >>> objective_setting(SimpleNamespace(objective="authors"), "overflow_ratio")
+    'shared'
+    """
+    value = getattr(cfg, name, None)
+    if value is not None:
+        return value
+    return OBJECTIVES[getattr(cfg, "objective", None) or "paper"][name]
+
+
+def resolve_objective(cfg) -> dict:
+    """Fill every objective setting of ``cfg`` left None from ``cfg.objective`` (in place, so the
+    saved config holds the values the run used). Returns {setting: value}."""
+    resolved = {name: objective_setting(cfg, name) for name in OBJECTIVES["paper"]}
+    for name, value in resolved.items():
+        setattr(cfg, name, value)
+    return resolved
+
 
 def score_rollout(rollout: Rollout, examples: Sequence, tokenizer, catalog: Catalog, *, n_items: int,
-                  year_tolerance: int) -> dict:
+                  year_tolerance: int, matching: str = "in_place") -> dict:
     """Stage 2: decode once, parse once, relevance per rank.
 
     ``examples[rollout.prompt_index[b]]`` is row b's example. Returns ``texts`` (B strings),
-    ``rel`` [B, N] float32 (rel_k of §2.3.1: 1 for a hit at rank k, else 0), and per-row list stats
-    ``n_lines``, ``parse_rate``, ``in_catalog``."""
+    ``rel`` [B, N] float32 (rel_k of §2.3.1: 1 for a hit at rank k, else 0; ``matching`` as in
+    ``rank_relevance``), and per-row list stats ``n_lines``, ``parse_rate``, ``in_catalog``."""
     texts, rel, n_lines, parse_rate, in_cat = [], [], [], [], []
     for row in range(rollout.num_rows):
         n = int(rollout.lengths[row])
@@ -51,7 +98,7 @@ def score_rollout(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
         items = parse_recommendations(text)
         ex = examples[int(rollout.prompt_index[row])]
         rel.append(rank_relevance(items, ex.groundtruth, ex.seen_titles, catalog, n_items=n_items,
-                                  year_tolerance=year_tolerance))
+                                  year_tolerance=year_tolerance, matching=matching))
         texts.append(text)
         n_lines.append(len(items))
         parse_rate.append(sum(it.valid for it in items) / len(items))
@@ -79,16 +126,37 @@ def advantages_for(rel: torch.Tensor, cfg, group_size: int) -> tuple[torch.Tenso
 
 
 def policy_loss(cfg, logp, old_logp, ref_logp, rank_ids, mask, adv, eos_index, denom):
-    """Stage 5's loss for the chosen algorithm (all pure functions of ``rankgrpo.losses``).
+    """Stage 5's loss for the chosen algorithm (all pure functions of ``rankgrpo.losses``), with the
+    settings of ``cfg.objective`` (``objective_setting``).
     logp / old_logp / ref_logp / rank_ids / mask: [b, T]; adv: [b, N] (rank_grpo) or [b]; eos_index: [b]."""
+    setting = lambda name: objective_setting(cfg, name)  # noqa: E731
     if cfg.algo == "rank_grpo":
         return rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, adv, eps_low=cfg.eps_low,
-                              eps_high=cfg.eps_high, beta=cfg.beta, aggregation=cfg.aggregation,
+                              eps_high=cfg.eps_high, beta=cfg.beta, aggregation=setting("aggregation"),
                               overflow_penalty=cfg.overflow_penalty, early_stop_penalty=cfg.early_stop_penalty,
-                              eos_index=eos_index, denom=denom)
+                              eos_index=eos_index, denom=denom, eos_advantage=setting("eos_advantage"),
+                              exact_length_bonus=setting("exact_length_bonus"),
+                              early_stop_unit=setting("early_stop_unit"), overflow_ratio=setting("overflow_ratio"))
     fn = grpo_loss if cfg.algo == "grpo" else gspo_loss
     return fn(logp, old_logp, ref_logp, mask, adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
-              denom=denom)
+              denom=denom, aggregation=setting("baseline_aggregation"))
+
+
+def micro_batch_denominators(aggregation: str, mask: torch.Tensor, micro: Sequence[torch.Tensor], n_ranks: int,
+                             world: World = World()) -> list:
+    """The ``denom`` of each micro-batch's loss (``rankgrpo.losses.loss_denominator``), one per entry of
+    ``micro`` (row-index tensors into ``mask`` [B, T]).
+
+    rank_mean / token_mean / sequence_mean: the whole step's normaliser, summed over processes, the
+    same for every micro-batch, so the summed micro-batch losses equal the loss of the whole batch.
+    micro_token_mean (the authors' TRL "bnpo"): micro-batch j's own token count times the number of
+    micro-batches of the step over all processes, so the summed losses are the mean of the
+    micro-batch token means; it depends on how rows are split into micro-batches."""
+    if aggregation == "micro_token_mean":
+        n_micro = world.all_reduce_sum(len(micro))
+        return [loss_denominator(aggregation, mask[rows], n_ranks, n_micro_batches=n_micro) for rows in micro]
+    denom = world.all_reduce_sum(loss_denominator(aggregation, mask, n_ranks))
+    return [denom] * len(micro)
 
 
 def sync(device: torch.device) -> None:
@@ -102,7 +170,8 @@ class RLBatch:
     """Everything the update needs from one rollout, on the training device.
 
     rank_ids / mask: [B, T]; eos_index: [B] (-1 where the row did not end with eos); adv: [B, N] or [B];
-    rewards: the un-normalised returns; denom: the loss denominator of the aggregation (global over B);
+    rewards: the un-normalised returns; denom: the loss denominator of the aggregation (global over B), or
+    under micro_token_mean one per micro-batch (a list; ``denom_of``);
     micro: row-index tensors of the micro-batches; ref_logp / old_logp: one [b, T] tensor per
     micro-batch (old_logp is filled by the first ``update_pass``; None until then); constraints:
     one row-aligned ``CatalogConstraint`` per micro-batch under catalog-constrained decoding
@@ -127,6 +196,10 @@ class RLBatch:
         """The constraint of micro-batch j (None: unconstrained)."""
         return self.constraints[j] if self.constraints else None
 
+    def denom_of(self, j: int):
+        """The loss denominator of micro-batch j."""
+        return self.denom[j] if isinstance(self.denom, list) else self.denom
+
 
 def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Catalog, cfg, *,
                   reference=None, autocast: Callable = contextlib.nullcontext, world: World = World(),
@@ -137,20 +210,23 @@ def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
     prompt of ``rollout``, i.e. of this rank's prompts under data parallelism), or None.
 
     Under data parallelism ``rollout`` holds this rank's whole groups and the loss denominator is
-    summed over ranks, so every rank divides by the global B * N (rank_mean) or token count."""
+    summed over ranks, so every rank divides by the global B * N (rank_mean) or token count
+    (``micro_batch_denominators``; micro_token_mean divides each micro-batch by its own count)."""
     dev = torch.device(cfg.device)
     t0 = time.perf_counter()
     scored = score_rollout(rollout, examples, tokenizer, catalog, n_items=cfg.n_items,
-                           year_tolerance=cfg.year_tolerance)
+                           year_tolerance=cfg.year_tolerance, matching=objective_setting(cfg, "reward_matching"))
     rewards, adv = advantages_for(scored["rel"], cfg, cfg.group_size)
     rank_ids = token_ranks(rollout.completion_ids, rollout.completion_mask, tokenizer).to(dev)
     mask = rollout.completion_mask.to(dev)
     eos_index = eos_positions(rollout.lengths, rollout.ended_with_eos).to(dev)
-    agg = cfg.aggregation if cfg.algo == "rank_grpo" else "sequence_mean"
-    denom = world.all_reduce_sum(loss_denominator(agg, mask, cfg.n_items if cfg.algo == "rank_grpo" else 1))
-    t1 = time.perf_counter()
     micro = [torch.arange(i, min(i + cfg.micro_batch_size, rollout.num_rows))
              for i in range(0, rollout.num_rows, cfg.micro_batch_size)]
+    rank_level = cfg.algo == "rank_grpo"
+    agg = objective_setting(cfg, "aggregation" if rank_level else "baseline_aggregation")
+    denoms = micro_batch_denominators(agg, mask, micro, cfg.n_items if rank_level else 1, world)
+    denom = denoms if agg == "micro_token_mean" else denoms[0]
+    t1 = time.perf_counter()
     # the same constraint, one exclusion set per row: log-probs of the distributions sampled from
     constraints = [] if constraint is None else [constraint.for_rows(rollout.prompt_index[rows]) for rows in micro]
     ref_logp: list[torch.Tensor | None] = [None] * len(micro)
@@ -198,7 +274,7 @@ def update_pass(model, optimizer, batch: RLBatch, cfg, *, guard=None, step: int 
             if batch.old_logp[j] is None:  # first pass: the behaviour policy is the current one
                 batch.old_logp[j] = logp.detach()
             loss, m = policy_loss(cfg, logp, batch.old_logp[j], batch.ref_logp[j], batch.rank_ids[rows],
-                                  batch.mask[rows], batch.adv[rows], batch.eos_index[rows], batch.denom)
+                                  batch.mask[rows], batch.adv[rows], batch.eos_index[rows], batch.denom_of(j))
             loss.backward()
         total += loss.detach()
         step_metrics.append(m)

@@ -191,6 +191,30 @@ def test_rl_token_mean_ddp_equals_one_process(world, sft_model, tmp_path):  # no
     assert any(r["reward/rank_1"] > 0 for r in log_rows(tmp_path / "one"))  # rewards, not only penalties
 
 
+@pytest.mark.slow
+def test_rl_authors_objective_ddp_equals_one_process(world, sft_model, tmp_path):  # noqa: F811
+    # --objective authors: among its rules, micro_token_mean divides each micro-batch's token sum by
+    # that micro-batch's own token count and averages the micro-batches, so the loss depends on which
+    # rows share a micro-batch. The comparison is fair when both layouts cut the same micro-batches:
+    # 16 rows in micro-batches of 4 are rows 0-3, 4-7, 8-11, 12-15 in one process, and the same four
+    # when each of two processes owns 8 contiguous rows (whole groups) and cuts two; the count of
+    # micro-batches (4) is summed over the processes. With 6 rows per micro-batch, one process would
+    # cut 0-5, 6-11, 12-15 and two processes 0-5, 6-7 | 8-13, 14-15: other means, other weights.
+    def args(out):
+        return rl_args(world, sft_model, out, 2, prompts_per_step=4, group_size=4, micro_batch_size=4, mu=2,
+                       beta=0.05, max_new_tokens=48, save_every=1, eval_every=2, objective="authors")
+
+    in_process("train_rankgrpo.py", *args(tmp_path / "one"))
+    torchrun("train_rankgrpo.py", *args(tmp_path / "ddp"))
+    one, ddp = final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp")
+    assert max_abs_diff(one, load_file(str(sft_model / "model.safetensors"))) > 1e-4
+    assert max_abs_diff(one, ddp) <= 1e-5
+    same_rollouts_and_global_means(tmp_path / "one", tmp_path / "ddp")
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert (config["aggregation"], config["overflow_ratio"], config["reward_matching"]) == \
+        ("micro_token_mean", "shared", "parsed_list")
+
+
 def mention_learned_films(world, name):  # noqa: F811
     """The examples of `name`, each "mentioning" one of the four learned films that are not its
     ground truth, a different one by example (what --constrained excludes by default)."""

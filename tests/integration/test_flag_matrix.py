@@ -68,6 +68,9 @@ RL_ONLY = [
     ("grpo", ["--algo", "grpo"]),
     ("gspo-mu2", ["--algo", "gspo", "--mu", "2"]),
     ("token-mean-log-reward", ["--aggregation", "token_mean", "--reward", "dcg"]),
+    ("objective-authors", ["--objective", "authors"]),                  # all seven of the authors' rules
+    ("objective-authors-gspo-mu2", ["--objective", "authors", "--algo", "gspo", "--mu", "2"]),
+    ("objective-authors-one-rule-off", ["--objective", "authors", "--overflow-ratio", "per_line"]),
 ]
 # (id, script, flags, the one line's pattern): combinations that cannot work are refused, not crashed
 REFUSED = [

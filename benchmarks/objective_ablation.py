@@ -1,0 +1,219 @@
+"""Ablation of the objective: the paper's equations against the authors' released trainer, rule by rule.
+
+The paper's tables come from the authors' trainer (libs/trl/rank_grpo_trainer.py on TRL 0.21),
+which departs from the equations in seven places (docs/algorithm.md, "The paper's objective and
+the authors' code"). This script runs Rank-GRPO from one SFT checkpoint
+
+  * under ``--objective paper`` and ``--objective authors``,
+  * under ``paper`` with each of the authors' rules switched on alone (the seventh, the baselines'
+    aggregation, only acts on GRPO / GSPO, so it is a GRPO run against GRPO under ``paper``),
+
+at the first seed, then both objectives at every seed of ``--seeds``; scores each final
+checkpoint with evaluate.py on the test split; and prints NDCG@20 differences against the
+arm's base (``paper``, or GRPO under ``paper``), paired over the test conversations
+(``evaluate.py --compare`` prints each pair; the summary uses the same
+``rankgrpo.metrics.paired_difference``), then the authors-minus-paper difference over seeds.
+
+    python benchmarks/objective_ablation.py --sft runs/sft/final              # the sandbox, preset sizes
+    python benchmarks/objective_ablation.py --sft runs/sft/final --quick      # tiny sizes: a smoke run
+    python benchmarks/objective_ablation.py --sft CKPT --data train.jsonl --val-data validation.jsonl \\
+        --catalog catalog.jsonl --test-data test.jsonl --train-args "--preset paper --bf16" \\
+        --eval-args "--dtype bfloat16" --launcher "torchrun --nproc-per-node 4"
+
+Every arm differs from its base by its flags only: the same SFT start, seed, prompts and sizes.
+Finished runs (RUN/final) and evaluations (results.json) are skipped on a rerun, so an
+interrupted ablation continues where it stopped. OUT/summary.json holds every difference.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rankgrpo.config import arg, flag_name, run_cli  # noqa: E402
+from rankgrpo.io import atomic_write_json, read_jsonl_tolerant  # noqa: E402
+from rankgrpo.metrics import mean_and_stderr, paired_difference  # noqa: E402
+from rankgrpo.rl import OBJECTIVES  # noqa: E402
+
+METRIC = "ndcg@20"
+# tiny sizes of --quick: one RL step on a couple of prompts, a few test conversations
+QUICK_TRAIN = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "4",
+               "--max-new-tokens", "24", "--eval-every", "0", "--val-examples", "2", "--save-every", "0"]
+QUICK_EVAL = ["--limit", "6", "--max-new-tokens", "24"]
+
+
+@dataclass
+class ObjectiveAblationConfig:
+    """RL from one SFT checkpoint under the paper's and the authors' objectives, and each rule alone."""
+
+    sft: str = arg("runs/sft/final", "The SFT checkpoint every run starts from (also the KL reference).")
+    data: str = arg("sandbox_world/train.jsonl", "RL prompts with ground truths.")
+    val_data: str = arg("sandbox_world/validation.jsonl", "Validation examples (train_rankgrpo.py --val-data).")
+    catalog: str = arg("sandbox_world/catalog.jsonl", "Catalog.")
+    test_data: str = arg("sandbox_world/test.jsonl", "Examples every final checkpoint is scored on.")
+    out: str = arg("runs/objective_ablation", "Directory of the runs, the evaluations and summary.json.")
+    seeds: list[int] = arg([3407, 3408, 3409], "Seeds: every arm at the first, paper and authors at all.")
+    train_args: str = arg("", "Extra flags for every train_rankgrpo.py run (e.g. '--preset paper --bf16').")
+    eval_args: str = arg("", "Extra flags for every evaluate.py run (e.g. '--dtype bfloat16').")
+    launcher: str = arg("", "Start each run with this command (e.g. 'torchrun --nproc-per-node 4'); empty: "
+                            "run the scripts inside this process.")
+    quick: bool = arg(False, "Tiny sizes (one RL step, a few test conversations): checks the plumbing only.")
+    dry_run: bool = arg(False, "Print the commands and stop.")
+
+    def validate(self) -> None:
+        if not self.seeds:
+            raise SystemExit("error: --seeds needs at least one seed")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training configuration: its flags, and the arm its NDCG@20 is compared with (None: a base)."""
+
+    name: str
+    flags: tuple[str, ...]
+    base: str | None = None
+    all_seeds: bool = False
+
+
+def authors_value(name: str) -> str:
+    return str(OBJECTIVES["authors"][name])
+
+
+def arms() -> list[Arm]:
+    """paper, authors, each rule alone on top of paper; the baselines' rule as GRPO against GRPO."""
+    out = [Arm("paper", ("--objective", "paper"), all_seeds=True),
+           Arm("authors", ("--objective", "authors"), base="paper", all_seeds=True)]
+    for name in OBJECTIVES["paper"]:
+        if name == "baseline_aggregation":
+            continue
+        out.append(Arm(f"paper+{name}", ("--objective", "paper", flag_name(name), authors_value(name)), base="paper"))
+    out.append(Arm("grpo-paper", ("--algo", "grpo", "--objective", "paper")))
+    out.append(Arm("grpo-paper+baseline_aggregation", ("--algo", "grpo", "--objective", "paper",
+                                                       "--baseline-aggregation", authors_value("baseline_aggregation")),
+                   base="grpo-paper"))
+    return out
+
+
+@dataclass
+class Plan:
+    """The runs (name -> train_rankgrpo.py argv) and evaluations (name -> evaluate.py argv), in order."""
+
+    train: dict[str, list[str]] = field(default_factory=dict)
+    evaluate: dict[str, list[str]] = field(default_factory=dict)
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}@{seed}"
+
+
+def plan(cfg: ObjectiveAblationConfig) -> Plan:
+    out = Path(cfg.out)
+    p = Plan()
+    for seed_i, seed in enumerate(cfg.seeds):
+        for a in arms():
+            if seed_i and not a.all_seeds:
+                continue
+            name = run_name(a.name, seed)
+            run_dir = out / "runs" / a.name / f"seed{seed}"
+            p.train[name] = ["--model", cfg.sft, "--data", cfg.data, "--val-data", cfg.val_data, "--catalog",
+                             cfg.catalog, "--out", str(run_dir), "--seed", str(seed), *a.flags,
+                             *shlex.split(cfg.train_args), *(QUICK_TRAIN if cfg.quick else [])]
+            p.evaluate[name] = ["--model", str(run_dir / "final"), "--data", cfg.test_data, "--catalog", cfg.catalog,
+                                "--name", name, "--out", str(eval_dir(cfg, name)), *shlex.split(cfg.eval_args),
+                                *(QUICK_EVAL if cfg.quick else [])]
+    return p
+
+
+def eval_dir(cfg: ObjectiveAblationConfig, name: str) -> Path:
+    return Path(cfg.out) / "eval" / name.replace("@", "-seed")
+
+
+def script_main(script: str):
+    """``main(argv)`` of one of the project's scripts, loaded from its file."""
+    module_name = f"_ablation_{Path(script).stem}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[module_name].main
+
+
+def launch(cfg: ObjectiveAblationConfig, script: str, argv: list[str]) -> None:
+    if cfg.launcher:
+        cmd = [*shlex.split(cfg.launcher), str(ROOT / script), *argv]
+        if subprocess.run(cmd, cwd=Path.cwd()).returncode:
+            raise SystemExit(f"error: failed: {shlex.join(cmd)}")
+    elif script_main(script)(argv) != 0:
+        raise SystemExit(f"error: failed: {script} {shlex.join(argv)}")
+
+
+def per_example(cfg: ObjectiveAblationConfig, name: str) -> dict[str, dict]:
+    return {r["id"]: r for r in read_jsonl_tolerant(eval_dir(cfg, name) / "examples.jsonl")}
+
+
+def summarise(cfg: ObjectiveAblationConfig) -> dict:
+    """NDCG@20 of every run and its paired difference against its base; authors - paper over seeds."""
+    seed0 = cfg.seeds[0]
+    rows = {}
+    print(f"\n== each arm at seed {seed0} against its base (evaluate.py --compare) ==")
+    for a in arms():
+        if a.base is None:
+            continue
+        name, base = run_name(a.name, seed0), run_name(a.base, seed0)
+        script_main("evaluate.py")(["--compare", str(eval_dir(cfg, base)), str(eval_dir(cfg, name))])
+        d = paired_difference(per_example(cfg, name), per_example(cfg, base), METRIC)
+        rows[a.name] = {"base": a.base, "flags": list(a.flags), **d}
+    per_seed = {}
+    for seed in cfg.seeds:
+        per_seed[seed] = paired_difference(per_example(cfg, run_name("authors", seed)),
+                                           per_example(cfg, run_name("paper", seed)), METRIC)
+    mean, se = mean_and_stderr([d["mean"] for d in per_seed.values()])
+    summary = {"metric": METRIC, "seed": seed0, "arms": rows,
+               "authors_minus_paper": {"per_seed": per_seed, "mean": mean, "stderr_over_seeds": se}}
+
+    print(f"\n== {METRIC.upper()} differences against the base, paired over the test conversations ==")
+    width = max(len(n) for n in rows)
+    for n, d in rows.items():
+        print(f"  {n.ljust(width)}  − {d['base']:<10}  {d['mean']:+.4f} ±{d['stderr']:.4f}  "
+              f"({d['z']:+.1f} SE, n={d['n']})")
+    print(f"\n== authors − paper over {len(cfg.seeds)} seed(s) ==")
+    for seed, d in per_seed.items():
+        print(f"  seed {seed}: {d['mean']:+.4f} ±{d['stderr']:.4f} (paired SE, n={d['n']})")
+    print(f"  mean over seeds: {mean:+.4f} ±{se:.4f} (standard error over seeds)")
+    atomic_write_json(Path(cfg.out) / "summary.json", summary)
+    print(f"\nwrote {Path(cfg.out) / 'summary.json'}")
+    return summary
+
+
+def run(cfg: ObjectiveAblationConfig) -> int:
+    p = plan(cfg)
+    if cfg.dry_run:
+        for name in p.train:
+            print(f"# {name}\npython train_rankgrpo.py {shlex.join(p.train[name])}\n"
+                  f"python evaluate.py {shlex.join(p.evaluate[name])}")
+        return 0
+    for name in p.train:
+        run_dir = Path(p.train[name][p.train[name].index("--out") + 1])
+        if not (run_dir / "final" / "model.safetensors").is_file():
+            print(f"== train {name}")
+            launch(cfg, "train_rankgrpo.py", p.train[name])
+        if not (eval_dir(cfg, name) / "results.json").is_file():
+            print(f"== evaluate {name}")
+            launch(cfg, "evaluate.py", p.evaluate[name])
+    summarise(cfg)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(ObjectiveAblationConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
