@@ -33,13 +33,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from rankgrpo.config import arg, flag_name, run_cli
+from rankgrpo.io import atomic_write_json, read_jsonl_tolerant
+from rankgrpo.metrics import mean_and_stderr, paired_difference
+from rankgrpo.rl import OBJECTIVES
 
-from rankgrpo.config import arg, flag_name, run_cli  # noqa: E402
-from rankgrpo.io import atomic_write_json, read_jsonl_tolerant  # noqa: E402
-from rankgrpo.metrics import mean_and_stderr, paired_difference  # noqa: E402
-from rankgrpo.rl import OBJECTIVES  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 METRIC = "ndcg@20"
 # tiny sizes of --quick: one RL step on a couple of prompts, a few test conversations

@@ -12,7 +12,7 @@ from test_pipeline import world  # noqa: F401  (a fixture)
 
 from rankgrpo.rl import OBJECTIVES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("objective_ablation", ROOT / "benchmarks" / "objective_ablation.py")
 ablation = importlib.util.module_from_spec(spec)
 sys.modules["objective_ablation"] = ablation  # dataclasses look their module up there
