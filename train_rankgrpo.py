@@ -36,7 +36,7 @@ from rankgrpo.checkpoint import truncate_log
 from rankgrpo.config import ConfigError, arg, save_config
 from rankgrpo.constraint import catalog_trie, constraint_for_examples
 from rankgrpo.data import chat_prompt_ids, load_examples, truncate_left
-from rankgrpo.distributed import (inference_model, prompt_generators, resume_training, run_in_world,
+from rankgrpo.distributed import (inference_model, prompt_keys, resume_training, run_in_world,
                                   save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.models import load_model
@@ -305,7 +305,7 @@ def train(cfg, world) -> int:
         step_examples = [examples[step_indices[j]] for j in positions]
         prompts = [global_prompts[j] for j in positions]
 
-        # 1. rollout: prompt j of the step samples from a generator of (seed, step, j) alone, so
+        # 1. rollout: prompt j of the step draws with a key of (seed, step, j) alone, so
         # its group is the same on any rank of any world size; under --constrained one exclusion
         # set per prompt of this rank (rollout.prompt_index is local, so are the sets)
         model.eval()
@@ -314,7 +314,7 @@ def train(cfg, world) -> int:
             rollout = sample(policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, eos_token_ids=eos_ids,
                              pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                             generator=prompt_generators(cfg.seed, step, positions, cfg.device),
+                             generator=prompt_keys(cfg.seed, step, positions, cfg.device),
                              stop_after_items=cfg.stop_after_lines or None, compile=cfg.compile,
                              constraint=constraint)
         sync(torch.device(cfg.device))

@@ -18,10 +18,11 @@ Parts, in this order (each runs even if an earlier one failed; a failure is reco
                with the published Qwen2.5-0.5B shapes in bfloat16. Ratios within this one run, and
                each figure as a share of the decode bound below. Then greedy tokens of the eager
                and the compiled decode, compared with a near-tie tolerance (`compare_decodes`).
-3. generators  rollout cost of one torch.Generator per prompt (what the trainer uses, so that a
-               prompt's group does not depend on the batch) against one shared generator: the
-               same sampler run timed both ways, eager, and compiled when the sampler part
-               compiled it.
+3. generators  rollout cost of per-prompt keys (`PromptKeys`, counter-based draws: what the
+               trainer uses, so that a prompt's group does not depend on the batch) against one
+               shared torch.Generator: the same sampler run timed both ways in interleaved pairs,
+               eager, and compiled when the sampler part compiled it; the ratio is the median
+               over the pairs.
 4. rl_step     one Rank-GRPO step at the paper's shapes (`bench_gpu_step.py`: 48 prompts x G = 8,
                N = 20, 512-token prompts, up to 256-token completions, reference model, float32
                weights with bf16 autocast as `train_rankgrpo.py --bf16`): peak memory, samples/s and
@@ -82,6 +83,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import xml.etree.ElementTree as ET  # noqa: E402
@@ -107,6 +109,7 @@ bench_sampling = load_sibling("bench_sampling")
 from rankgrpo import compiled_decode  # noqa: E402
 from rankgrpo.compiled_decode import release_static_cache  # noqa: E402
 from rankgrpo.config import arg, parse_config  # noqa: E402
+from rankgrpo.distributed import prompt_keys  # noqa: E402
 from rankgrpo.io import atomic_write_json, atomic_write_text  # noqa: E402
 from rankgrpo.models import model_config, model_from_config, qwen25_05b_config, resolve_dtype  # noqa: E402
 from rankgrpo.kv_cache import last_logits, left_pad, positions_from_mask  # noqa: E402
@@ -139,6 +142,7 @@ TINY_TOTAL_BUDGET_S = 1200.0
 RL_COMPILE_EXTRA_S = 90  # --rl-compile compiles the float32 decode step once more
 TINY_SAMPLER = dict(prompts=1, prompt_len=32, new_tokens=24)
 FULL_SAMPLER = dict(prompts=48, prompt_len=512, new_tokens=256)
+TINY_GENERATOR_REPEATS = 15  # a tiny rollout takes well under a second on the CPU
 KILL_AFTER_ENV = "GPU_CHECK_KILL_AFTER"
 
 
@@ -170,8 +174,11 @@ class GPUCheckConfig:
     prompt_len: int = arg(0, "Sampler prompt tokens (0: 512, or 32 with --tiny).")
     new_tokens: int = arg(0, "Sampler new tokens per completion (0: 256, or 24 with --tiny).")
     dtype: str = arg("", "Sampler model dtype (default: bfloat16 on CUDA, float32 on the CPU).")
-    repeats: int = arg(1, "Timed runs of each sampler method (and generator variant), interleaved, after "
-                          "an untimed warm-up; the fastest counts. Each repeat adds about 20 s on an H100.")
+    repeats: int = arg(1, "Timed runs of each sampler method, interleaved, after an untimed warm-up; the "
+                          "fastest counts. Each repeat adds about 20 s on an H100.")
+    generator_repeats: int = arg(0, "Interleaved timed pairs (shared generator, per-prompt keys) of the generators "
+                                    f"part; the ratio is their median (0: --repeats, or {TINY_GENERATOR_REPEATS} "
+                                    "with --tiny).")
     tie_rtol: float = arg(0.0, "Eager and compiled greedy tokens may first differ where the eager logits of the two "
                                "tokens are within this fraction of the larger one (0: 4 machine epsilons of the "
                                "dtype, at least 1e-5: 0.031 in bfloat16).")
@@ -188,6 +195,7 @@ class GPUCheckConfig:
         self.dtype = self.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.budget_s = self.budget_s or (TINY_TOTAL_BUDGET_S if self.tiny else TOTAL_BUDGET_S)
         self.tie_rtol = self.tie_rtol or default_tie_rtol(resolve_dtype(self.dtype))
+        self.generator_repeats = self.generator_repeats or (TINY_GENERATOR_REPEATS if self.tiny else self.repeats)
         preset = TINY_SAMPLER if self.tiny else FULL_SAMPLER
         for name, value in preset.items():
             if not getattr(self, name):
@@ -657,15 +665,17 @@ def run_sampler(cfg: GPUCheckConfig, ws: SamplerWorkspace, peaks: dict) -> dict:
 
 
 def run_generators(cfg: GPUCheckConfig, ws: SamplerWorkspace) -> dict:
-    """Seconds of the sampler run with one torch.Generator per prompt (as the trainer samples)
-    against one shared generator, on the same model and prompts: eager, and compiled when the
-    sampler part compiled these shapes (otherwise a compile would be timed)."""
+    """Seconds of the sampler run with per-prompt keys (`PromptKeys`, as the trainer samples)
+    against one shared torch.Generator, on the same model and prompts: eager, and compiled when
+    the sampler part compiled these shapes (otherwise a compile would be timed). The two run in
+    interleaved pairs (the order alternating); per_prompt_over_shared is the median over the
+    pairs of the ratio of their seconds, runs the fastest run of each."""
     model, prompts = ws.model, ws.prompts
     never_id = model.config.vocab_size
 
     def run(per_prompt: bool, compile: bool, batch=prompts, new_tokens=cfg.new_tokens):
-        generator = ([torch.Generator(cfg.device).manual_seed(cfg.seed + p) for p in range(len(batch))]
-                     if per_prompt else torch.Generator(cfg.device).manual_seed(cfg.seed))
+        generator = (prompt_keys(cfg.seed, 0, range(len(batch)), cfg.device) if per_prompt
+                     else torch.Generator(cfg.device).manual_seed(cfg.seed))
         r = sample(model, batch, group_size=cfg.group_size, max_new_tokens=new_tokens, eos_token_ids=never_id,
                    pad_token_id=0, generator=generator, compile=compile)
         return int(r.lengths.sum())
@@ -673,21 +683,24 @@ def run_generators(cfg: GPUCheckConfig, ws: SamplerWorkspace) -> dict:
     modes = ("eager", "compiled") if ws.compiled else ("eager",)
     for per_prompt in (False, True):  # warm-up of both draws, eager
         run(per_prompt, False, prompts[:1], 4)
-    best = {}
-    for i in range(cfg.repeats):
+    best, pair_ratios = {}, {mode: [] for mode in modes}
+    for i in range(cfg.generator_repeats):
         for mode in modes:
             variants = (("shared", False), ("per_prompt", True))
+            pair = {}
             for name, per_prompt in variants[::-1] if i % 2 else variants:  # neither always runs first
                 seconds, tokens, _ = bench_sampling.timed(lambda: run(per_prompt, mode == "compiled"), cfg.device)
+                pair[name] = seconds
                 key = f"{mode}_{name}"
                 if key not in best or seconds < best[key]["seconds"]:
                     best[key] = {"seconds": seconds, "tokens": tokens}
-    ratios = {mode: best[f"{mode}_per_prompt"]["seconds"] / best[f"{mode}_shared"]["seconds"] for mode in modes}
+            pair_ratios[mode].append(pair["per_prompt"] / pair["shared"])
+    ratios = {mode: statistics.median(r) for mode, r in pair_ratios.items()}
     extra_ms = {mode: 1e3 * (best[f"{mode}_per_prompt"]["seconds"] - best[f"{mode}_shared"]["seconds"])
                 / cfg.new_tokens for mode in modes}
     return {"status": "passed", "prompts": len(prompts), "group_size": cfg.group_size,
-            "new_tokens": cfg.new_tokens, "runs": best, "per_prompt_over_shared": ratios,
-            "extra_ms_per_decode_step": extra_ms,
+            "new_tokens": cfg.new_tokens, "pairs": cfg.generator_repeats, "runs": best,
+            "per_prompt_over_shared": ratios, "pair_ratios": pair_ratios, "extra_ms_per_decode_step": extra_ms,
             **({} if ws.compiled else {"note": "compiled not timed: the sampler part did not compile these shapes"})}
 
 
@@ -737,7 +750,7 @@ def torchrun_runs(world: Path) -> dict[str, tuple[list[str], float | None]]:
     """name -> (command, tolerance against the one-process run) of the torchrun part: two Rank-GRPO
     steps on the sandbox world `world`, in float32, in one process and under torchrun on two GPUs
     (DDP, and FSDP2 when the trainer has --fsdp). Each process maps `--device cuda` to its own GPU,
-    cuda:LOCAL_RANK; every prompt samples from a generator of (seed, step, prompt), so all runs draw
+    cuda:LOCAL_RANK; every prompt draws with a key of (seed, step, prompt), so all runs draw
     the same rollouts and differ only by the order of float reductions."""
     common = ["train_rankgrpo.py", "--model", str(world / "base_model"), "--data", str(world / "train.jsonl"),
               "--val-data", str(world / "validation.jsonl"), "--catalog", str(world / "catalog.jsonl"),
@@ -992,9 +1005,10 @@ def _sampler_lines(r: dict, s: dict) -> list[str]:
 
 
 def _generator_lines(q: dict) -> list[str]:
-    lines = ["", f"### One generator per prompt against one shared generator: {q['prompts']} prompts x "
-                 f"G = {q['group_size']}, {q['new_tokens']} new tokens", "",
-             "| decode | shared | one per prompt | per prompt / shared | extra per decode step |",
+    lines = ["", f"### Per-prompt keys against one shared generator: {q['prompts']} prompts x "
+                 f"G = {q['group_size']}, {q['new_tokens']} new tokens, {q.get('pairs', 1)} interleaved pairs", "",
+             "| decode | shared (fastest) | per-prompt keys (fastest) | keys / shared (median of pairs) "
+             "| extra per decode step (fastest) |",
              "|---|---:|---:|---:|---:|"]
     for mode, ratio in q["per_prompt_over_shared"].items():
         lines.append(f"| {mode} | {q['runs'][f'{mode}_shared']['seconds']:.3f} s | "

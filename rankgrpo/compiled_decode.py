@@ -27,11 +27,11 @@ What changes against the eager path (the prefill and the choice of each token ar
 Same results. Tokens are drawn by `rankgrpo.next_token.choose_row_tokens` from the real rows'
 float32 logits only, so under one generator the token streams equal those of the eager path
 with compaction off (`compact_fraction=1`), and the behaviour log-probs are recorded the same
-way (same temperature and top-p semantics). Under a list of generators, one per prompt, each
-prompt's rows draw from their own generator, as in the eager path, so the streams are equal
-whatever the eager path's compaction. A row still ends at its first eos, at
-`stop_after_items` lines or at `max_new_tokens`; the loop stops at the step where the last row
-ends, like the eager one, so the generator advances equally.
+way (same temperature and top-p semantics). Under `PromptKeys`, one key per prompt, each row's
+draw at step t is a function of its prompt's key, t and its sample index alone, as in the eager
+path, so the streams are equal whatever the eager path's compaction. A row still ends at its
+first eos, at `stop_after_items` lines or at `max_new_tokens`; the loop stops at the step where
+the last row ends, like the eager one, so a shared generator advances equally.
 
 The static cache of the latest bucket stays allocated on the model between calls (a CUDA
 graph replays on fixed addresses); `release_static_cache(model)` frees it.
@@ -263,7 +263,8 @@ class CompiledDecoder:
 
         for t in range(max_new_tokens):
             tokens, logprobs = choose_row_tokens(
-                logits[:B], rows, G, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
+                logits[:B], rows, G, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator,
+                decode_step=t,
             )
             ids[:, t], logps[:, t] = tokens, logprobs
             is_eos = torch.isin(tokens, eos_ids)

@@ -15,9 +15,10 @@ Each rank's loss is its part of the global loss, so the global gradient is the *
 ranks' gradients: DDP gets a summing all-reduce hook and FSDP2 a gradient divide factor of 1
 (both average by default). Gradient accumulation synchronises only on the last micro-batch.
 
-Rollouts do not depend on the world size: prompt j of step s is sampled with its own generator,
-seeded from (seed, s, j) (``prompt_generators``), so a prompt gets the same completions on rank 0
-of 1 as on rank 3 of 4, and W processes train like one, up to float summation order.
+Rollouts do not depend on the world size: prompt j of step s draws its tokens with its own key,
+derived from (seed, s, j) (``prompt_keys``, counter-based draws of ``rankgrpo.counter_rng``), so a
+prompt gets the same completions on rank 0 of 1 as on rank 3 of 4, and W processes train like one,
+up to float summation order.
 
 Checkpoints: rank 0 writes the HF weights (gathered from the shards under FSDP2) and one
 ``trainer_state.pt`` holding the optimizer state (DDP: rank 0's, every replica has the same), the
@@ -37,6 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from rankgrpo.counter_rng import PromptKeys
 
 
 def launched_by_torchrun() -> bool:
@@ -168,15 +171,16 @@ def run_in_world(train, cfg) -> int:
 # ----------------------------------------------------------------------------- per-prompt sampling RNG
 
 
-def prompt_generators(seed: int, step: int, positions: Sequence[int], device) -> list[torch.Generator]:
-    """One sampler generator per prompt, seeded from (seed, step, position of the prompt in the
-    step's global batch) alone: the draws of a prompt's group do not depend on the rank that
-    samples it, nor on the other prompts of its batch. A resumed run needs only the step."""
-    out = []
+def prompt_keys(seed: int, step: int, positions: Sequence[int], device) -> PromptKeys:
+    """The sampler's key of each prompt, for ``sample(..., generator=prompt_keys(...))``: a 64-bit
+    key from (seed, step, position of the prompt in the step's global batch) alone, through
+    numpy's SeedSequence, so the draws of a prompt's group do not depend on the rank that samples
+    it, nor on the other prompts of its batch. A resumed run needs only the step."""
+    keys = []
     for j in positions:
         state = np.random.SeedSequence([seed, step, j]).generate_state(2, dtype=np.uint32)
-        out.append(torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1])))
-    return out
+        keys.append(int(state[0]) << 32 | int(state[1]))
+    return PromptKeys.from_ints(keys, device)
 
 
 # ----------------------------------------------------------------------------- wrapping the model

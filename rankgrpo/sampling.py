@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from rankgrpo.counter_rng import PromptKeys
 from rankgrpo.kv_cache import cache_argument, last_logits, left_pad, prefill
 from rankgrpo.logprobs import token_logprobs  # noqa: F401  (public here too: rankgrpo.sampling.token_logprobs)
 from rankgrpo.next_token import choose_row_tokens
@@ -185,7 +186,7 @@ def sample(
     greedy: bool = False,
     eos_token_ids: int | Iterable[int],
     stop_after_items: int | None = None,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    generator: torch.Generator | PromptKeys | None = None,
     newline_counts: torch.Tensor | None = None,
     line_counter=None,
     tokenizer=None,
@@ -212,11 +213,13 @@ def sample(
         stop_after_items: stop a row once it has closed this many lines. By default every
             "\\n" character closes a line (line k = rank k); needs `newline_counts` or `tokenizer`.
             With `line_counter`, the lines that counter counts.
-        generator: torch.Generator on the model's device, for reproducible sampling; or a list
-            of P generators, one per prompt: prompt p's group then draws only from generator p,
-            so its completions do not depend on which other prompts are sampled with it (the
+        generator: torch.Generator on the model's device, for reproducible sampling; or
+            `PromptKeys` (`rankgrpo.counter_rng`), one 64-bit key per prompt: the t-th token of
+            sample s of prompt p is then drawn with one number, a function of (key p, t, s) alone,
+            so prompt p's group does not depend on which other prompts are sampled with it (the
             same prompt gives the same group alone, in any batch, on any data-parallel rank,
-            with or without `compile`).
+            with or without `compile`), and drawing needs no host synchronisation. The draws of
+            the whole call are computed at its start: 8 bytes per row and new token.
         newline_counts: LongTensor [V], "\\n" characters per token id (see
             `newline_counts_from_tokenizer`).
         line_counter: how lines are counted for `stop_after_items` (`rankgrpo.stopping`): e.g.
@@ -273,8 +276,13 @@ def sample(
         raise NotImplementedError("sample(compile=True) does not apply a constraint; use the eager decode")
 
     prompts = [list(map(int, p)) for p in prompts]
-    if isinstance(generator, Sequence) and len(generator) != len(prompts):
-        raise ValueError(f"{len(generator)} generators for {len(prompts)} prompts; give one per prompt")
+    if isinstance(generator, PromptKeys):
+        if len(generator) != len(prompts):
+            raise ValueError(f"{len(generator)} prompt keys for {len(prompts)} prompts; give one per prompt")
+        # every draw of the call, float64 [P * G, max_new_tokens]; each step takes its column
+        generator = generator.to(device).draws(group_size, max_new_tokens)
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, PromptKeys or None, not {type(generator).__name__}")
     G = group_size
     out = _Outputs(len(prompts) * G, max_new_tokens, pad_token_id, device)
     order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p]))  # similar lengths share a batch
@@ -349,7 +357,8 @@ def _sample_prompt_batch(
         if guide is not None:  # catalog constraint: disallowed tokens to -inf, then renormalised below
             logits = guide.mask_logits(logits)
         tokens, logprobs = choose_row_tokens(
-            logits, rows, G, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
+            logits, rows, G, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator,
+            decode_step=t,
         )
         out.ids[rows, t] = tokens
         out.logprobs[rows, t] = logprobs

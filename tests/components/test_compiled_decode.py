@@ -13,6 +13,7 @@ import torch
 
 from rankgrpo.compiled_decode import (bucket_cache_length, bucket_rows, one_token_step,
                                       release_static_cache)
+from rankgrpo.counter_rng import PromptKeys
 from rankgrpo.models import model_config, model_from_config, tiny_model
 from rankgrpo.sampling import left_pad, sample, token_logprobs
 
@@ -114,9 +115,9 @@ def test_same_token_streams_and_logprobs_as_eager(smooth_model, temperature, top
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_same_token_streams_as_eager_under_per_prompt_generators(smooth_model, top_p):
-    """With one generator per prompt (how the trainers sample, seeded per step and prompt), the
-    compiled path draws each prompt's group from its own generator, like the eager path: the
+def test_same_token_streams_as_eager_under_prompt_keys(smooth_model, top_p):
+    """With one key per prompt (how the trainers sample, keyed per step and prompt), the
+    compiled path draws each prompt's group from its own key, like the eager path: the
     streams are equal whatever the eager path's compaction, and each prompt's group is the one
     it gets when sampled alone."""
     eos = list(range(1, 9))  # eight eos ids: rows end at varied steps, also inside a top-p nucleus
@@ -125,7 +126,7 @@ def test_same_token_streams_as_eager_under_per_prompt_generators(smooth_model, t
     kwargs = dict(group_size=2, max_new_tokens=16, top_p=top_p, eos_token_ids=eos)
 
     def generators(ss):
-        return [torch.Generator().manual_seed(s) for s in ss]
+        return PromptKeys.from_ints(ss)
 
     compiled = sample(smooth_model, prompts, **kwargs, compile=True, generator=generators(seeds))
     assert compiled.decode_stats["buckets"] == [BUCKET]
@@ -136,7 +137,7 @@ def test_same_token_streams_as_eager_under_per_prompt_generators(smooth_model, t
     assert len(set(compiled.lengths.tolist())) > 1, "rows should end at different steps"
     assert int((compiled.lengths < compiled.lengths.max()).sum()) >= 2, "the eager run at 0.25 must compact"
     single = sample(smooth_model, prompts, **kwargs, compile=True, generator=torch.Generator().manual_seed(10))
-    assert not torch.equal(single.completion_ids, compiled.completion_ids), "the list must change the draws"
+    assert not torch.equal(single.completion_ids, compiled.completion_ids), "the keys must change the draws"
     for p, prompt in enumerate(prompts):
         alone = sample(smooth_model, [prompt], **kwargs, generator=generators([seeds[p]]))
         for s in range(2):

@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from rankgrpo.distributed import prompt_keys
 from rankgrpo.losses import eos_positions, grpo_loss, gspo_loss, rank_grpo_loss
 from rankgrpo.models import tiny_model
+from rankgrpo.next_token import choose_row_tokens
 from rankgrpo.sampling import left_pad, sample, token_logprobs
 
 DEVICE = os.environ.get("RANKGRPO_CUDA_TEST_DEVICE", "cuda")
@@ -85,6 +87,30 @@ def test_sampler_compiled_streams_and_logprobs_on_device(smooth, temperature):
     with torch.no_grad():
         recomputed = token_logprobs(smooth, input_ids, attention_mask, start, temperature)
     assert (recomputed - compiled.logprobs)[compiled.completion_mask].abs().max() <= 1e-4
+
+
+def test_prompt_key_draws_never_synchronise_with_the_host(smooth):
+    """Per-prompt keys: computing the draws and choosing each step's tokens queue kernels only
+    (torch's sync debug mode raises on any synchronising call); eager and compiled decoding then
+    draw the same tokens on the device."""
+    keys = prompt_keys(3, 1, range(6), DEVICE)  # the one host-to-device copy, before the check
+    logits = torch.randn(24, VOCAB, device=DEVICE)
+    rows = torch.arange(24, device=DEVICE)
+    if DEVICE == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        draws = keys.draws(4, 16)
+        for t in range(16):
+            choose_row_tokens(logits, rows, 4, temperature=1.0, top_p=0.9, greedy=False, generator=draws,
+                              decode_step=t)
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    prompts = random_prompts([6, 13, 3], seed=3)
+    kwargs = dict(group_size=2, max_new_tokens=16, eos_token_ids=1, generator=prompt_keys(3, 1, range(3), DEVICE))
+    eager, compiled = sample(smooth, prompts, **kwargs), sample(smooth, prompts, **kwargs, compile=True)
+    assert torch.equal(compiled.completion_ids, eager.completion_ids)
+    assert (compiled.logprobs - eager.logprobs).abs().max() <= 1e-4
 
 
 def test_sampler_bf16_compiled_logprobs_close_to_teacher_forced():

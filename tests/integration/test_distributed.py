@@ -20,8 +20,9 @@ from helpers import TINY
 from test_pipeline import ENV, ROOT, rl_args, sft_args, world  # noqa: F401  (world is a fixture)
 
 from rankgrpo.catalog import load_catalog
+from rankgrpo.counter_rng import PromptKeys
 from rankgrpo.data import load_examples, write_examples
-from rankgrpo.distributed import World, check_resumable, prompt_generators
+from rankgrpo.distributed import World, check_resumable, prompt_keys
 from rankgrpo.models import tiny_model
 from rankgrpo.sampling import sample
 
@@ -72,13 +73,15 @@ def test_shard_splits_evenly_or_says_why():
         World(rank=0, size=2).shard(range(5), "prompts")
 
 
-def test_prompt_generators_depend_on_seed_step_and_position_only():
-    def first_draw(seed, step, j):
-        return torch.rand(3, generator=prompt_generators(seed, step, [j], "cpu")[0])
+def test_prompt_keys_depend_on_seed_step_and_position_only():
+    def draws(seed, step, j):
+        return prompt_keys(seed, step, [j], "cpu").draws(2, 3)
 
-    assert torch.equal(first_draw(1, 2, 3), first_draw(1, 2, 3))
-    draws = [first_draw(*key) for key in [(1, 2, 3), (1, 2, 4), (1, 3, 3), (2, 2, 3)]]
-    assert all(not torch.equal(draws[0], d) for d in draws[1:])
+    assert torch.equal(draws(1, 2, 3), draws(1, 2, 3))
+    assert torch.equal(prompt_keys(1, 2, [5, 3, 4], "cpu").keys[1:2], prompt_keys(1, 2, [3], "cpu").keys)
+    others = [draws(*key) for key in [(1, 2, 4), (1, 3, 3), (2, 2, 3), (2, 1, 3), (1, 3, 2)]]
+    assert all(not torch.isin(draws(1, 2, 3), d).any() for d in others)  # no draw shared with another key
+    assert isinstance(prompt_keys(1, 2, range(4), "cpu"), PromptKeys) and len(prompt_keys(1, 2, range(4), "cpu")) == 4
 
 
 def test_a_prompts_group_is_the_same_in_any_batch():
@@ -87,18 +90,24 @@ def test_a_prompts_group_is_the_same_in_any_batch():
     model = tiny_model("llama", vocab_size=64)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     kw = dict(group_size=3, max_new_tokens=12, eos_token_ids=[1], pad_token_id=0)
-    whole = sample(model, prompts, generator=prompt_generators(7, 5, range(4), "cpu"), **kw)
-    half = sample(model, prompts[2:], generator=prompt_generators(7, 5, [2, 3], "cpu"), **kw)
+    whole = sample(model, prompts, generator=prompt_keys(7, 5, range(4), "cpu"), **kw)
+    half = sample(model, prompts[2:], generator=prompt_keys(7, 5, [2, 3], "cpu"), **kw)
     T = int(half.lengths.max())
     assert torch.equal(whole.lengths[6:], half.lengths)
     assert torch.equal(whole.completion_ids[6:, :T], half.completion_ids)
     assert torch.allclose(whole.logprobs[6:, :T], half.logprobs, atol=1e-5)
+    again = sample(model, prompts, generator=prompt_keys(7, 5, range(4), "cpu"), **kw)  # same seed, same rollout
+    assert torch.equal(again.completion_ids, whole.completion_ids) and torch.equal(again.logprobs, whole.logprobs)
+    other = sample(model, prompts, generator=prompt_keys(7, 6, range(4), "cpu"), **kw)  # the next step draws anew
+    assert not torch.equal(other.completion_ids[:, :4], whole.completion_ids[:, :4])
     # one shared generator, as before: the second half's draws depend on what is sampled beside it
     shared = sample(model, prompts[2:], generator=torch.Generator().manual_seed(7), **kw)
     shared_whole = sample(model, prompts, generator=torch.Generator().manual_seed(7), **kw)
     assert not torch.equal(shared_whole.completion_ids[6:, :int(shared.lengths.max())], shared.completion_ids)
-    with pytest.raises(ValueError, match="3 generators for 4 prompts"):
-        sample(model, prompts, generator=prompt_generators(7, 5, range(3), "cpu"), **kw)
+    with pytest.raises(ValueError, match="3 prompt keys for 4 prompts"):
+        sample(model, prompts, generator=prompt_keys(7, 5, range(3), "cpu"), **kw)
+    with pytest.raises(TypeError, match="torch.Generator, PromptKeys or None"):
+        sample(model, prompts, generator=[torch.Generator().manual_seed(p) for p in range(4)], **kw)
 
 
 def test_resume_needs_the_same_world_size_and_mode():

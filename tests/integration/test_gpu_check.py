@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,9 @@ def test_tiny_check_on_cpu(tmp_path):
     gen = data["parts"]["generators"]
     assert gen["status"] == "passed" and set(gen["per_prompt_over_shared"]) == {"eager", "compiled"}
     assert all(r["tokens"] == 8 * 24 for r in gen["runs"].values())
+    assert gen["pairs"] == gpu_check.TINY_GENERATOR_REPEATS
+    for mode, ratios in gen["pair_ratios"].items():  # the reported ratio is the median of the interleaved pairs
+        assert len(ratios) == gen["pairs"] and gen["per_prompt_over_shared"][mode] == statistics.median(ratios)
 
     rl = data["parts"]["rl_step"]
     assert rl["status"] == "passed" and rl["completions"] == 16 and rl["samples_per_s"] > 0

@@ -20,6 +20,7 @@ from rankgrpo import constraint as constraint_module
 from rankgrpo.catalog import Catalog, CatalogItem
 from rankgrpo.constraint import (CatalogConstraint, allowed_positions, build_catalog_trie, catalog_lines,
                                  catalog_trie, constrained_logprobs, seen_items)
+from rankgrpo.counter_rng import PromptKeys
 from rankgrpo.models import tiny_model
 from rankgrpo.parsing import format_recommendations
 from rankgrpo.sampling import sample, token_logprobs
@@ -393,8 +394,8 @@ def test_token_logprobs_refuses_a_completion_the_constraint_forbids(world, model
                constraint=CatalogConstraint(trie, N_ITEMS, [eos], (frozenset(), frozenset())))
 
 
-def test_one_generator_per_prompt_under_the_constraint(world, model):
-    # the trainers sample with one generator per prompt (rankgrpo.distributed): a prompt's
+def test_one_key_per_prompt_under_the_constraint(world, model):
+    # the trainers sample with one key per prompt (rankgrpo.distributed): a prompt's
     # constrained group is then the one it gets alone, with its own exclusion set
     catalog, tokenizer, trie, eos = world
     excluded = (seen_items(catalog, ["heat"]), frozenset())
@@ -403,7 +404,7 @@ def test_one_generator_per_prompt_under_the_constraint(world, model):
     def run(which):
         constraint = CatalogConstraint(trie, N_ITEMS, [eos], tuple(excluded[p] for p in which))
         return sample(model, [prompts[p] for p in which], group_size=3, max_new_tokens=300, eos_token_ids=eos,
-                      pad_token_id=0, generator=[torch.Generator().manual_seed(10 + p) for p in which],
+                      pad_token_id=0, generator=PromptKeys.from_ints([10 + p for p in which]),
                       constraint=constraint)
 
     both, alone = run([0, 1]), run([1])
