@@ -1,11 +1,15 @@
 """One source for the sandbox's settings (rankgrpo/sandbox/settings.py): every script, parsed with no
 flags, resolves to them; the world the scripts build on first use is the demo's; `--preset paper`
-still gives the paper's values."""
+still gives the paper's values; and scripts/demo.sh and benchmarks/paper_tables.py hold no copies
+of the numbers."""
 from __future__ import annotations
 
 import doctest
 import importlib.util
+import io
+import re
 import sys
+import tokenize
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -121,6 +125,48 @@ def test_the_bare_scripts_chain_into_each_other():
     assert (Path(rl.data), Path(rl.val_data), Path(ev.data)) == (world / "train.jsonl", world / "validation.jsonl",
                                                                  world / "test.jsonl")
     assert Path(ev.model) == Path(rl.out) / "final"
+
+
+def numbers(text: str) -> set[float]:
+    """Every numeric literal in ``text`` as a float (3e-3, 0.003, 1200 ...)."""
+    return {float(m) for m in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])", text)}
+
+
+def python_numbers(path: Path) -> set[float]:
+    """The numeric literals of a Python file's code (not its strings or comments)."""
+    toks = tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline)
+    return {float(t.string.replace("_", "")) for t in toks if t.type == tokenize.NUMBER and "j" not in t.string}
+
+
+# The values that identify the settings: a copy of any of them means a second source of truth.
+IDENTIFYING = {
+    "rl.lr": settings.RL["lr"], "sft.lr": settings.SFT["lr"], "sft.max_steps": settings.SFT["max_steps"],
+    "rl.steps": settings.RL["steps"], "rl.stop_after_lines": settings.RL["stop_after_lines"],
+    "world.n_train": settings.WORLD["n_train"], "world.pretrain_steps": settings.WORLD["pretrain_steps"],
+    "world.pretrain_chat_questions": settings.WORLD["pretrain_chat_questions"],
+    "evaluate.limit": settings.EVALUATE["limit"], "report.sft.eval_every": settings.REPORT["sft"]["eval_every"],
+    "seed": settings.SEED,
+}
+
+
+def test_demo_script_passes_paths_and_the_seed_only():
+    text = (ROOT / "scripts" / "demo.sh").read_text(encoding="utf-8")
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert not re.findall(r"--[a-z-]+[ =]+[\"']?[0-9.]", code), "demo.sh passes a number to a flag"
+    copies = {k for k, v in IDENTIFYING.items() if v in numbers(code)}
+    assert not copies, f"scripts/demo.sh copies {copies}"
+    assert "--preset demo" in code and "rankgrpo.sandbox settings" in code
+
+
+def test_paper_tables_reads_the_settings_instead_of_copying_them():
+    copies = {k for k, v in IDENTIFYING.items() if v in python_numbers(ROOT / "benchmarks" / "paper_tables.py")}
+    assert not copies, f"benchmarks/paper_tables.py copies {copies}"
+    assert "1e-4" not in (ROOT / "benchmarks" / "paper_tables.py").read_text(encoding="utf-8")
+
+
+def test_the_copy_check_can_fail():
+    assert settings.RL["lr"] in numbers("--lr 1e-4") and settings.SFT["lr"] in numbers("x = 0.003")
+    assert settings.SFT["max_steps"] in numbers("--max-steps 1200") and not numbers("seed$SEED/sft 2.7M")
 
 
 def test_settings_command_prints_values_and_flags(capsys):
