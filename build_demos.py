@@ -77,8 +77,8 @@ class BuildDemosConfig(RRAConfig):
 
     PRESETS: ClassVar[dict] = PRESETS
 
-    preset: str = arg("sandbox", "Defaults of --train-fraction and --report-train: 'paper' (25% of train, as "
-                                 "App. C; the stage report on train too) or 'sandbox' (what make demo runs on the "
+    preset: str = arg("sandbox", "Defaults of --train-fraction and --report-train: 'paper' (25% of train, as §3.1; "
+                                 "the stage report on train too) or 'sandbox' (what make demo runs on the "
                                  "sandbox world: rankgrpo/sandbox/settings.py). A flag given on the command line "
                                  "wins.", choices=list(PRESETS))
 
