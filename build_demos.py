@@ -1,15 +1,16 @@
 """Stage 1, demonstrations: Remap-Reflect-Adjust (§2.2, App. A) -> SFT data in the data format.
 
-    python build_demos.py                                   # the sandbox (builds sandbox_world/ if missing)
-    python build_demos.py --teacher openai --base-url https://api.openai.com/v1 --model gpt-4o \\
+    python build_demos.py                                   # the sandbox preset (builds sandbox_world/ if missing)
+    python build_demos.py --preset paper --teacher openai --base-url https://api.openai.com/v1 --model gpt-4o \\
         --api-key-env OPENAI_API_KEY --embedder hf:models/stella_en_400M_v5 \\
         --train-data data/train.jsonl --val-data data/validation.jsonl --catalog data/gt_catalog.pkl
-    python build_demos.py --teacher hf --teacher-model models/Qwen2.5-7B-Instruct ...
+    python build_demos.py --preset paper --teacher hf --teacher-model models/Qwen2.5-7B-Instruct ...
     python build_demos.py --no-reflect --out runs/demos-no-reflect    # a Table 2 ablation
 
-A seeded ``--train-fraction`` of the training split (the paper: 25%) and all of validation
-go through RRA in one run; Adjust's w, b are fitted on the training ground truths only and
-applied to both. The run directory OUT gets
+A seeded ``--train-fraction`` of the training split (``--preset paper``: 25%, as the paper;
+the sandbox preset, the default: all of it) and all of validation go through RRA in one run;
+Adjust's w, b are fitted on the training ground truths only and applied to both. The run
+directory OUT gets
 
     OUT/train.jsonl, OUT/validation.jsonl   the examples with the demonstration as ``completion``
                                             (conversations the teacher failed on are left out)
@@ -44,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -56,13 +57,25 @@ from rankgrpo.demos.pipeline import RRAConfig, run_rra, train_subset
 from rankgrpo.demos.report import print_report, stage_report
 from rankgrpo.demos.teacher import CachedTeacher, Teacher, make_teacher
 from rankgrpo.io import atomic_write_json
+from rankgrpo.sandbox import settings
 
 TEACHERS = ("sandbox", "openai", "hf")
+
+
+# --preset: the paper's defaults below, or the sandbox's (what make demo runs; rankgrpo/sandbox/settings.py)
+PRESETS = {"paper": {}, "sandbox": settings.DEMOS}
 
 
 @dataclass
 class BuildDemosConfig(RRAConfig):
     """Build SFT demonstrations with Remap-Reflect-Adjust (§2.2, App. A)."""
+
+    PRESETS: ClassVar[dict] = PRESETS
+
+    preset: str = arg("sandbox", "Defaults of --train-fraction and --report-train: 'paper' (25% of train, as §3.1; "
+                                 "the stage report on train too) or 'sandbox' (what make demo runs on the "
+                                 "sandbox world: rankgrpo/sandbox/settings.py). A flag given on the command line "
+                                 "wins.", choices=list(PRESETS))
 
     # ---- data
     world: str = arg("sandbox_world", "Sandbox world directory, built there when missing and needed (the "
@@ -71,7 +84,7 @@ class BuildDemosConfig(RRAConfig):
     val_data: str = arg("", "Validation examples (JSONL); empty: WORLD/validation.jsonl.")
     catalog: str = arg("", "Catalog (.jsonl, .tsv or the authors' .pkl); empty: WORLD/catalog.jsonl.")
     train_fraction: float = arg(0.25, "Share of the training examples that get a demonstration (the paper: "
-                                      "0.25), drawn with --seed.", min=0, max=1)
+                                      "0.25), drawn with --seed. Set by the sandbox preset.", min=0, max=1)
     max_train: int = arg(0, "At most this many training examples (0: no cap); taken in the same seeded order, "
                             "so a smaller subset is part of a larger one.", min=0)
     seed: int = arg(0, "Seed of the training subset, the train report sample and Adjust's mini-batch order.", min=0)
@@ -106,7 +119,7 @@ class BuildDemosConfig(RRAConfig):
     trust_remote_code: bool = arg(False, "hf embedder: run the model's own code from its directory (needed by "
                                          "encoders such as stella_en_400M_v5). Only for models you trust.")
     report_train: int = arg(1000, "Score the stages on up to this many training demonstrations too (a seeded "
-                                  "sample; 0: validation only).", min=0)
+                                  "sample; 0: validation only). Set by the sandbox preset.", min=0)
     threads: int = arg(1, "torch CPU threads (more threads on a busy machine can make Adjust much slower).", min=1)
 
     def validate(self) -> None:

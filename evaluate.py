@@ -5,10 +5,12 @@ Three ways in (§3):
     # greedy lists from a checkpoint (our sampler, once per unique prompt), scored on a split
     python evaluate.py --model runs/rankgrpo/final --data sandbox_world/test.jsonl --name rank-grpo --out runs/eval/rl
     # an existing predictions file (JSONL, one completion per example, aligned by id or by line)
-    python evaluate.py --data test.jsonl --catalog catalog.jsonl --predictions preds.jsonl
-    python evaluate.py --data train_sample.jsonl --catalog gt_catalog.pkl --predictions-from-field completion
+    python evaluate.py --preset paper --data test.jsonl --catalog catalog.jsonl --predictions preds.jsonl
+    python evaluate.py --preset paper --data train_sample.jsonl --catalog gt_catalog.pkl \\
+        --predictions-from-field completion
     # the same on several GPUs: each process generates for its share of the unique prompts
-    torchrun --nproc-per-node 4 evaluate.py --model runs/rankgrpo/final --data test.jsonl --out runs/eval/rl
+    torchrun --nproc-per-node 4 evaluate.py --preset paper --model runs/rankgrpo/final --data test.jsonl \\
+        --out runs/eval/rl
     # several finished evaluations in one table (and one per-rank hit plot with --plot)
     python evaluate.py --compare runs/eval/sft runs/eval/rl --plot --out runs/eval
 
@@ -19,6 +21,10 @@ case-sensitive titles within 2 years, the authors' IDCG, and their in-catalog ra
 matching) with the textbook IDCG. Generation (--model) is greedy until <eos> or --max-new-tokens (the
 paper: 1,024); --stop-after-items N also stops a list after N lines with text (give N > --n-items).
 
+--preset sandbox (the default) is make demo's evaluation: the first --limit test conversations, a
+token budget and a line stop for the sandbox's short lists (rankgrpo/sandbox/settings.py). On other
+data pass --preset paper: every example, lists until <eos> or 1,024 tokens, no line stop.
+
 With --out DIR: DIR/results.json (config, aggregate with standard errors, per-rank hit curve) and
 DIR/examples.jsonl (id, completion, per-example metrics). --plot also writes PNGs: the per-rank hit
 curve, and the training curves of every --train-log (per-rank reward and validation NDCG@20).
@@ -28,6 +34,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from rankgrpo.catalog import CatalogError, load_catalog
@@ -36,12 +43,23 @@ from rankgrpo.data import DataError, load_examples
 from rankgrpo.evaluation import load_predictions, score_examples
 from rankgrpo.io import atomic_write_json, atomic_write_jsonl, read_jsonl_tolerant
 from rankgrpo.metrics import format_table, paired_difference
+from rankgrpo.sandbox import settings
+
+
+# --preset: the paper's defaults below, or the sandbox's (what make demo runs; rankgrpo/sandbox/settings.py)
+PRESETS = {"paper": {}, "sandbox": settings.EVALUATE}
 
 
 @dataclass
 class EvaluateConfig:
     """Score recommendation lists against ground truth (§3)."""
 
+    PRESETS: ClassVar[dict] = PRESETS
+
+    preset: str = arg("sandbox", "Defaults of --limit, --max-new-tokens and --stop-after-items: 'paper' (every "
+                                 "example, lists to <eos> or 1,024 tokens, as the paper) or 'sandbox' (what make "
+                                 "demo runs on the sandbox world: rankgrpo/sandbox/settings.py). A flag given on "
+                                 "the command line wins.", choices=list(PRESETS))
     data: str = arg("sandbox_world/test.jsonl", "Examples (JSONL / JSON) with prompts, seen titles and ground truths.")
     catalog: str = arg("sandbox_world/catalog.jsonl", "Catalog file (.jsonl, .tsv, or the authors' .pkl).")
     model: str = arg("", "Generate greedy lists from this checkpoint (HF format directory or hub name).")
@@ -52,7 +70,7 @@ class EvaluateConfig:
     name: str = arg("run", "Row name in the printed table.")
     out: str = arg("", "Write results.json and examples.jsonl (and PNGs with --plot) into this directory.")
     json: str = arg("", "Also write the aggregate numbers to this JSON file.")
-    limit: int = arg(0, "Score only the first LIMIT examples (0: all).", min=0)
+    limit: int = arg(0, "Score only the first LIMIT examples (0: all). Set by the sandbox preset.", min=0)
     protocol: str = arg("paper", "'paper': the authors' evaluate_direct_match exactly (exact titles, exact "
                                  "(title, year) catalog filter, their IDCG and in-catalog ratio); 'lenient': "
                                  "the reward's matching (case-folded titles, year-tolerant catalog) and the "
@@ -63,11 +81,11 @@ class EvaluateConfig:
     year_tolerance: int = arg(2, "A recommendation's year may differ from the ground truth's by this much.", min=0)
     n_items: int = arg(20, "List length N (the per-rank curve and format ratio use the first N lines).", min=1)
     max_new_tokens: int = arg(1024, "Greedy generation budget per list; a list ends at <eos> or here "
-                                    "(the paper: 1024).")
+                                    "(the paper: 1024). Set by the sandbox preset.")
     stop_after_items: int = arg(0, "Also stop a list once it has this many lines with text (blank lines do "
                                    "not count). 0: off, as in the paper. Must exceed --n-items: filtered "
                                    "items (seen, out-of-catalog, repeated, a preamble) leave room for later "
-                                   "ones; e.g. 30 for N = 20.", min=0)
+                                   "ones; e.g. 30 for N = 20. Set by the sandbox preset.", min=0)
     batch_size: int = arg(64, "Unique prompts per generation batch.", min=1)
     chat_template: str = arg("", "With --model: chat template for a tokenizer that has none, a built-in name "
                                  "('chatml') or a Jinja file.")
@@ -216,6 +234,7 @@ def run(cfg: EvaluateConfig) -> int:
         examples = load_examples(cfg.data)
         if examples.report.counts:
             print(f"data: {examples.report.summary()}", file=sys.stderr)
+        n_all = len(examples)
         if cfg.limit:
             examples = examples[: cfg.limit]
         if cfg.predictions_from_field:
@@ -236,7 +255,8 @@ def run(cfg: EvaluateConfig) -> int:
         print(f"catalog: {catalog.report.summary()}", file=sys.stderr)
     agg, rows = score_examples(examples, completions, catalog, positions=cfg.positions, protocol=cfg.protocol,
                                year_tolerance=cfg.year_tolerance, n_items=cfg.n_items)
-    print(f"{len(examples)} examples, {len(catalog)} catalog items, protocol={cfg.protocol}, "
+    cut = f" (the first {len(examples)} of {n_all}: --limit {cfg.limit})" if len(examples) < n_all else ""
+    print(f"{len(examples)} examples{cut}, {len(catalog)} catalog items, protocol={cfg.protocol}, "
           f"positions={cfg.positions}")
     print(format_table({cfg.name: agg}))
     curve = agg.get("rank_hit_rate", [])

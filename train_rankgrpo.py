@@ -9,7 +9,7 @@ One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
   5. update:    mu optimiser steps on this batch (mu = 1 on-policy; mu = 2 reuses it with the
                 old log-probs stored at the first pass), loss = rank_grpo_loss / grpo_loss / gspo_loss
 
-    python train_rankgrpo.py                                     # sandbox defaults, from runs/sft/final
+    python train_rankgrpo.py                                     # the sandbox preset (make demo's), from runs/sft/final
     python train_rankgrpo.py --preset paper --model runs/sft/final --data train.jsonl --catalog catalog.jsonl
     python train_rankgrpo.py --algo grpo                         # the vanilla GRPO baseline
     python train_rankgrpo.py --objective authors                 # the authors' released trainer's rules
@@ -27,6 +27,7 @@ import copy
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
@@ -42,23 +43,24 @@ from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.models import load_model
 from rankgrpo.rl import prepare_batch, resolve_objective, rollout_metrics, sync, update_pass
 from rankgrpo.sampling import sample
+from rankgrpo.sandbox import settings
 from rankgrpo.models import eos_token_ids
 from rankgrpo.schedules import parse_lr_schedule, step_schedule
 from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, indices_for_step,
                               run_script, start_from)
 from rankgrpo.validation import validate_generation
 
-PRESETS = {
-    # the paper (App. C): 48 prompts x G = 8 = 384 completions per step, lr 1e-6, 1024 new tokens
-    "paper": dict(lr=1e-6, prompts_per_step=48, micro_batch_size=16, max_new_tokens=1024, steps=15800),
-    # the sandbox's tiny model: fewer prompts, a larger lr, short lists
-    "sandbox": dict(lr=2e-5, prompts_per_step=8, micro_batch_size=64, max_new_tokens=180, steps=60),
-}
+# The paper's App. C, for hub models: 48 prompts x G = 8 = 384 completions per step, lr 1e-6, 1,024 new tokens
+PAPER = dict(lr=1e-6, prompts_per_step=48, micro_batch_size=16, max_new_tokens=1024, steps=15800)
+# --preset: the paper's, or the sandbox's (what make demo runs; rankgrpo/sandbox/settings.py)
+PRESETS = {"paper": PAPER, "sandbox": settings.RL}
 
 
 @dataclass
 class TrainRankGRPOConfig(TrainerConfig):
     """Rank-GRPO / GRPO / GSPO training from an SFT checkpoint (§2.3)."""
+
+    PRESETS: ClassVar[dict] = PRESETS
 
     model: str = arg("runs/sft/final", "Starting policy (the SFT checkpoint); also the frozen reference.")
     data: str = arg("sandbox_world/train.jsonl", "RL prompts with ground truths (examples JSONL).")
@@ -74,12 +76,14 @@ class TrainRankGRPOConfig(TrainerConfig):
     gamma: float = arg(0.0, "Gamma of the exp return (> 1).", min=0)
     group_size: int = arg(8, "G, completions per prompt (paper 8).", min=2)
     n_items: int = arg(20, "N, list length (paper 20).", min=1)
-    prompts_per_step: int = arg(0, "Prompts per RL step (0: preset; paper 48, so 384 completions); under "
-                                   "torchrun the global number, split evenly over the processes.", min=0)
-    micro_batch_size: int = arg(0, "Completions per forward/backward pass (0: preset).", min=0)
+    prompts_per_step: int = arg(PAPER["prompts_per_step"], "Prompts per RL step (set by both presets; the paper's "
+                                                           "48, so 384 completions); under torchrun the global "
+                                                           "number, split evenly over the processes.", min=1)
+    micro_batch_size: int = arg(PAPER["micro_batch_size"], "Completions per forward/backward pass (set by both "
+                                                           "presets).", min=1)
     mu: int = arg(1, "Optimiser steps per sampled batch: 1 on-policy, 2 off-policy (reuses the batch).", min=1)
-    steps: int = arg(0, "Sampling rounds (0: preset). Optimiser steps = steps * mu.", min=0)
-    lr: float = arg(0.0, "Learning rate (0: preset; paper 1e-6).", min=0)
+    steps: int = arg(PAPER["steps"], "Sampling rounds (set by both presets). Optimiser steps = steps * mu.", min=0)
+    lr: float = arg(PAPER["lr"], "Learning rate (set by both presets; the paper's 1e-6).", min=0)
     lr_schedule: list[str] = arg([], "Piecewise-constant lr as STEP:LR entries, e.g. 8000:1e-7 (paper 1B/3B).")
     adam_beta2: float = arg(0.99, "AdamW beta2 (the authors' 0.99).", min=0, max=0.999999)
     weight_decay: float = arg(0.0, "AdamW weight decay.", min=0)
@@ -128,14 +132,17 @@ class TrainRankGRPOConfig(TrainerConfig):
     overflow_penalty: float = arg(-0.1, "eps_o: advantage of each line past N (0 = off).", max=0)
     early_stop_penalty: float = arg(-0.1, "eps_u: advantage of an <eos> before N lines (0 = off).", max=0)
     temperature: float = arg(1.0, "Sampling temperature (paper 1.0); log-probs use the same temperature.", above=0)
-    max_new_tokens: int = arg(0, "Completion token budget (0: preset; paper 1024).", min=0)
+    max_new_tokens: int = arg(PAPER["max_new_tokens"], "Completion token budget (set by both presets; the "
+                                                       "paper's 1,024).", min=1)
     max_prompt_length: int = arg(2048, "Prompt tokens kept, cut from the left (the authors' 2,048, App. C; 0: no "
                                        "limit). Truncated prompts are counted in the log and RUN/data_report.json.",
                                  min=0)
     stop_after_lines: int = arg(0, "Stop a completion after this many complete lines (0 = only eos/budget); "
-                                   "N+2 saves time on runaway lists while still showing overflow.", min=0)
+                                   "N+2 saves time on runaway lists while still showing overflow. Set by the "
+                                   "sandbox preset.", min=0)
     year_tolerance: int = arg(2, "Year tolerance of the relevance match.", min=0)
-    eval_every: int = arg(20, "Validation NDCG@20 (greedy) every this many steps and at the end (0: off).", min=0)
+    eval_every: int = arg(20, "Validation NDCG@20 (greedy) every this many steps and at the end (0: off). Set by "
+                              "the sandbox preset.", min=0)
     val_examples: int = arg(64, "Validation examples for the periodic check.", min=1)
     share_prompt_prefix: bool = arg(True, "In the log-prob passes (policy and reference), run the prompt prefix "
                                           "that every row of a micro-batch shares (the paper's fixed instruction) "
@@ -143,7 +150,7 @@ class TrainRankGRPOConfig(TrainerConfig):
                                           "float rounding, for fewer tokens. Not under --fsdp or "
                                           "--gradient-checkpointing (see train_sft.py).")
     save_every: int = arg(20, "Checkpoint every this many steps and at the end (0: off; final/ is always "
-                              "written).", min=0)
+                              "written). Set by the sandbox preset.", min=0)
     compile: bool = arg(False, "Sample (rollouts and validation) with a static KV cache and a compiled "
                                "one-token step (CUDA graphs on a GPU); compiles once per shape bucket.")
     constrained: bool = arg(False, "Catalog-constrained decoding (rankgrpo/constraint.py): rollouts write only "
@@ -155,7 +162,6 @@ class TrainRankGRPOConfig(TrainerConfig):
     trie_cache: str = arg("", "With --constrained: keep the catalog's token trie in this directory (default: memory).")
 
     def validate(self) -> None:
-        self.apply_preset(PRESETS)
         paper_eps = {"rank_grpo": (0.06, 0.08), "grpo": (0.2, 0.26), "gspo": (3e-4, 4e-4)}[self.algo]
         for name, paper in (("eps_low", paper_eps[0]), ("eps_high", paper_eps[1])):
             value = getattr(self, name)

@@ -1,6 +1,6 @@
 """Stage 1, behaviour cloning (Eq. 2): completion-only NLL on Remap-Reflect-Adjust demonstrations.
 
-    python train_sft.py                                   # the sandbox defaults
+    python train_sft.py                                   # the sandbox preset (make demo's SFT)
     python train_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --preset paper --bf16 \\
         --train-data demos/train.jsonl --val-data demos/validation.jsonl --catalog catalog.jsonl --out runs/sft
     python train_sft.py --out runs/sft --resume           # continue exactly where a run stopped
@@ -17,6 +17,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
@@ -29,47 +30,52 @@ from rankgrpo.distributed import (World, clip_grad_norm, grad_sync, inference_mo
                                   save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
 from rankgrpo.losses import sft_loss
+from rankgrpo.sandbox import settings
 from rankgrpo.schedules import cosine_with_warmup
 from rankgrpo.sft_data import collate_sft, sft_logits, tokenize_sft_split
 from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, indices_for_step,
                               run_script, share_prompt_prefix, start_from)
 from rankgrpo.validation import validate_generation
 
-PRESETS = {
-    # the paper (App. C(iii)) for hub models: lr 5e-5, cosine, 5% warm-up, effective batch 384
-    "paper": dict(lr=5e-5, micro_batch_size=12, grad_accum=32, epochs=6),
-    # the sandbox's tiny randomly initialised model learns from scratch: larger lr, small batches
-    "sandbox": dict(lr=2e-3, micro_batch_size=16, grad_accum=1, epochs=3),
-}
+# The paper's App. C(iii), for hub models: lr 5e-5, cosine, 5% warm-up, effective batch 384 (12 x 32).
+PAPER = dict(lr=5e-5, micro_batch_size=12, grad_accum=32, epochs=6)
+# --preset: the paper's, or the sandbox's (what make demo runs; rankgrpo/sandbox/settings.py)
+PRESETS = {"paper": PAPER, "sandbox": settings.SFT}
 
 
 @dataclass
 class TrainSFTConfig(TrainerConfig):
     """Behaviour cloning on demonstrations (completion-only NLL, Eq. 2)."""
 
+    PRESETS: ClassVar[dict] = PRESETS
+
     model: str = arg("sandbox_world/base_model", "Base model: a local directory or a hub name.")
     train_data: str = arg("runs/demos/train.jsonl", "SFT demonstrations (examples with 'completion').")
     val_data: str = arg("runs/demos/validation.jsonl", "Validation demonstrations (loss and greedy metrics).")
     catalog: str = arg("sandbox_world/catalog.jsonl", "Catalog for the validation metrics.")
     out: str = arg("runs/sft", "Run directory.")
-    lr: float = arg(0.0, "Peak learning rate (0: from the preset; paper 5e-5).", min=0)
+    lr: float = arg(PAPER["lr"], "Peak learning rate (set by both presets; the paper's 5e-5).", min=0)
     warmup_ratio: float = arg(0.05, "Linear warm-up share of the steps, then cosine decay to 0 (paper 5%).",
                               min=0, max=1)
     weight_decay: float = arg(0.0, "AdamW weight decay.", min=0)
-    micro_batch_size: int = arg(0, "Sequences per forward pass (0: from the preset).", min=0)
-    grad_accum: int = arg(0, "Micro-batches per optimiser step (0: from the preset). The global batch is "
-                             "micro_batch_size x grad_accum sequences whatever the number of processes; "
-                             "under torchrun each process takes an equal share of it.", min=0)
-    epochs: int = arg(0, "Passes over the training demonstrations (0: from the preset).", min=0)
-    max_steps: int = arg(0, "Stop after this many optimiser steps (0: epochs decide).", min=0)
+    micro_batch_size: int = arg(PAPER["micro_batch_size"], "Sequences per forward pass (set by both presets).",
+                                min=1)
+    grad_accum: int = arg(PAPER["grad_accum"], "Micro-batches per optimiser step (set by both presets). The global "
+                                               "batch is micro_batch_size x grad_accum sequences whatever the number "
+                                               "of processes; under torchrun each process takes an equal share of "
+                                               "it.", min=1)
+    epochs: int = arg(PAPER["epochs"], "Passes over the training demonstrations (set by both presets), unless "
+                                       "--max-steps is given.", min=1)
+    max_steps: int = arg(0, "Stop after this many optimiser steps (0: epochs decide). Set by the sandbox preset.",
+                         min=0)
     max_length: int = arg(1024, "Tokens per prompt + completion (0: no limit). A longer row loses prompt tokens "
                                 "from the left, never completion tokens; a row whose completion alone does not "
                                 "fit is skipped. Both are counted in RUN/data_report.json.", min=0)
     log_every: int = arg(10, "Log the training loss every this many steps (0: off).", min=0)
     eval_every: int = arg(100, "Validation loss and greedy metrics every this many steps and at the end "
-                               "(0: off).", min=0)
+                               "(0: off). Set by the sandbox preset.", min=0)
     val_gen_examples: int = arg(64, "Validation examples for the greedy Recall/NDCG@20 check (0: off).", min=0)
-    max_new_tokens: int = arg(200, "Greedy generation budget for validation.", min=1)
+    max_new_tokens: int = arg(200, "Greedy generation budget for validation. Set by the sandbox preset.", min=1)
     n_items: int = arg(20, "List length N.", min=1)
     share_prompt_prefix: bool = arg(True, "Run the prompt prefix that every row of a micro-batch shares (the paper's "
                                           "fixed instruction) once per micro-batch instead of once per row, and the "
@@ -81,10 +87,7 @@ class TrainSFTConfig(TrainerConfig):
                                           "the gradient through the prefix's key/value cache bypasses them, nor "
                                           "under --gradient-checkpointing, which drops the key/value cache.")
     save_every: int = arg(100, "Checkpoint every this many steps and at the end (0: off; final/ is always "
-                               "written).", min=0)
-
-    def validate(self) -> None:
-        self.apply_preset(PRESETS)
+                               "written). Set by the sandbox preset.", min=0)
 
 
 @torch.no_grad()

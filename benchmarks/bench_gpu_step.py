@@ -16,7 +16,7 @@ prompts, so nothing is downloaded and no tokenizer, catalog or data set is neede
                   cannot provide; the loss costs the same either way.
   3. reference    frozen reference-model log-probs of every completion, under no_grad
                   (the reference is a copy of the starting weights, as in the trainer).
-  4. update       policy log-probs with autograd, ``rank_grpo_loss`` (beta 1e-3, rank_mean
+  4. update       policy log-probs with autograd, ``rank_grpo_loss`` (the paper's beta, rank_mean
                   aggregation, the paper's clip range and length shaping) in micro-batches of
                   --micro-batch-size completions with gradient accumulation, gradient
                   clipping, one AdamW step.
@@ -45,20 +45,24 @@ fixed and what is activations, logits and KV cache.
     python benchmarks/bench_gpu_step.py --gradient-checkpointing --micro-batch-size 64
     python benchmarks/bench_gpu_step.py --tiny --device cpu --steps 1    # CPU smoke test, seconds
 
-Defaults: Qwen2.5-0.5B shapes (``rankgrpo.models.qwen25_05b_config``), G = 8, N = 20, prompts
-of exactly 512 tokens, completions of up to 256 tokens, lr 1e-6. ``--layers``, ``--hidden-size``
-and the other shape flags override single fields; ``--tiny`` shrinks everything (2 layers,
-hidden 64, vocabulary 512, 2 prompts of 32 tokens, 24-token completions). --json writes every
-figure.
+Defaults: Qwen2.5-0.5B shapes (``rankgrpo.models.qwen25_05b_config``), prompts of exactly 512
+tokens, completions of up to 256 tokens, and the RL hyperparameters of ``train_rankgrpo.py --preset
+paper`` (read from the trainer: G, N, lr, beta, micro-batch, clipping norm, AdamW beta2).
+``--layers``, ``--hidden-size`` and the other shape flags override single fields; ``--tiny``
+shrinks everything (2 layers, hidden 64, vocabulary 512, 2 prompts of 32 tokens, 24-token
+completions). --json writes every figure.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,11 +75,33 @@ from rankgrpo.models import model_from_config, qwen25_05b_config, resolve_dtype 
 from rankgrpo.rewards import causal_returns  # noqa: E402
 from rankgrpo.sampling import sample, token_logprobs  # noqa: E402
 
+
+def load_script(path: Path):
+    """A script at the repository root (not part of the package) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = sys.modules.setdefault(path.stem, importlib.util.module_from_spec(spec))  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+train_rankgrpo = load_script(Path(__file__).resolve().parents[1] / "train_rankgrpo.py")
+RL_PRESETS, TrainRankGRPOConfig = train_rankgrpo.PRESETS, train_rankgrpo.TrainRankGRPOConfig
+
 GiB = 2**30
+
+
+def paper_rl(name: str):
+    """train_rankgrpo.py's value of field ``name`` under --preset paper (App. C)."""
+    if name in RL_PRESETS["paper"]:
+        return RL_PRESETS["paper"][name]
+    return next(f.default for f in fields(TrainRankGRPOConfig) if f.name == name)
+
+
+
 # Fields left at 0 take these values: the Qwen2.5-0.5B run of the issue, or the CPU smoke test.
 # Shapes left out of "full" come from qwen25_05b_config itself.
 PRESETS = {
-    "full": dict(prompts=8, prompt_len=512, max_new_tokens=256, micro_batch_size=16),
+    "full": dict(prompts=8, prompt_len=512, max_new_tokens=256, micro_batch_size=paper_rl("micro_batch_size")),
     "tiny": dict(prompts=2, prompt_len=32, max_new_tokens=24, micro_batch_size=8, layers=2, hidden_size=64,
                  heads=4, kv_heads=2, intermediate_size=128, vocab_size=512),
 }
@@ -92,12 +118,12 @@ class BenchGPUStepConfig:
     tiny: bool = arg(False, "Shrink everything (2 layers, hidden 64, vocab 512, 2 prompts of 32 tokens, "
                             "24 new tokens): a CPU smoke test. Explicit flags still win.")
     prompts: int = arg(0, "Prompts per step (0: 8, or 2 with --tiny; the paper's is 48, i.e. 384 completions).")
-    group_size: int = arg(8, "G, completions per prompt (paper 8).")
-    n_items: int = arg(20, "N, ranks per list (paper 20).")
+    group_size: int = arg(paper_rl("group_size"), "G, completions per prompt (the paper's).")
+    n_items: int = arg(paper_rl("n_items"), "N, ranks per list (the paper's).")
     prompt_len: int = arg(0, "Tokens per prompt, all prompts the same length (0: 512, or 32 with --tiny).")
     max_new_tokens: int = arg(0, "Completion token budget (0: 256, or 24 with --tiny).")
     micro_batch_size: int = arg(0, "Completions per forward/backward pass, gradients accumulated over the "
-                                   "step (0: 16 as in the paper, or 8 with --tiny).")
+                                   "step (0: the paper's, train_rankgrpo.py --preset paper; 8 with --tiny).")
     layers: int = arg(0, "Decoder layers (0: Qwen2.5-0.5B's 24, or 2 with --tiny).")
     hidden_size: int = arg(0, "Hidden size (0: 896, or 64 with --tiny).")
     heads: int = arg(0, "Query heads (0: 14, or 4 with --tiny).")
@@ -112,9 +138,11 @@ class BenchGPUStepConfig:
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass.")
     compile: bool = arg(False, "Sample with the static-cache compiled decode (train_rankgrpo.py --compile); "
                                "the warm-up step compiles.")
-    lr: float = arg(1e-6, "AdamW learning rate (paper 1e-6); weight decay 0, betas (0.9, 0.99).")
-    beta: float = arg(1e-3, "KL coefficient to the reference model (paper 1e-3).")
-    max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
+    lr: float = arg(paper_rl("lr"), "AdamW learning rate (the paper's); weight decay 0, betas (0.9, "
+                                    "--adam-beta2).")
+    adam_beta2: float = arg(paper_rl("adam_beta2"), "AdamW beta2 (the authors').")
+    beta: float = arg(paper_rl("beta"), "KL coefficient to the reference model (the paper's).")
+    max_grad_norm: float = arg(paper_rl("max_grad_norm"), "Gradient clipping norm.")
     warmup_steps: int = arg(1, "Untimed steps first (kernels, allocator, AdamW state).")
     steps: int = arg(3, "Timed steps (figures are their mean; peaks their maximum).")
     threads: int = arg(0, "torch CPU threads (0: torch's default).")
@@ -297,7 +325,7 @@ def run(cfg: BenchGPUStepConfig) -> dict:
     vocab = policy.config.vocab_size
     eos_id = vocab - 1  # a real vocabulary id: a row may still end early, as a real one can
     n_params = sum(p.numel() for p in policy.parameters())  # tied embeddings counted once
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=0.0)
     prompts = make_prompts(cfg, vocab, eos_id)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed)
     rel_gen = torch.Generator().manual_seed(cfg.seed + 1)

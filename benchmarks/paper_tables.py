@@ -52,12 +52,14 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
-from rankgrpo.config import arg, parse_config, save_config
+from rankgrpo.config import arg, parse_config, save_config, to_flags
 from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from rankgrpo.metrics import paired_difference
+from rankgrpo.sandbox.settings import EVALUATE, MAX_NEW_TOKENS, REPORT, RL, SEED, SFT, WORLD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,35 +84,42 @@ class PaperTablesConfig:
                               "with a warning.")
     jobs: int = arg(2, "Runs at once; each gets max(1, cpu_count // jobs) torch threads.")
     python: str = arg("", "Python interpreter that runs the four scripts (empty: the one running this).")
-    # the world (the demo's: small enough that a 2.7M-parameter model learns its catalog in minutes)
-    n_films: int = arg(200, "Films in the sandbox catalog.")
-    n_train: int = arg(6000, "Training conversations (SFT demonstrations and RL prompts).")
-    n_validation: int = arg(300, "Validation conversations.")
-    n_test: int = arg(1000, "Test conversations (the tables).")
-    world_seed: int = arg(0, "Seed of the sandbox world.")
-    title_tokens: bool = arg(True, "Sandbox tokenizer with one token per title and per year (a list line is "
-                                   "3 tokens; see SandboxConfig.title_tokens).")
-    tie_embeddings: bool = arg(False, "Tie the base model's output head to its input embeddings (untied: 2.7M "
-                                      "instead of 2.2M parameters at the same compute; see "
-                                      "SandboxConfig.tie_embeddings).")
-    pretrain_steps: int = arg(800, "Knowledge-pretraining steps of the base model (0: a random base model).")
-    pretrain_chat_questions: int = arg(8000, "Chat turns of catalog questions in the pretraining corpus.")
+    # Defaults: the sandbox's settings (rankgrpo/sandbox/settings.py), the ones make demo runs. The
+    # scripts take them from their sandbox preset; the stages pass on only values that differ.
+    # the world (small enough that a 2.7M-parameter model learns its catalog in minutes)
+    n_films: int = arg(WORLD["n_films"], "Films in the sandbox catalog.")
+    n_train: int = arg(WORLD["n_train"], "Training conversations (SFT demonstrations and RL prompts).")
+    n_validation: int = arg(WORLD["n_validation"], "Validation conversations.")
+    n_test: int = arg(WORLD["n_test"], "Test conversations (the tables).")
+    world_seed: int = arg(WORLD["seed"], "Seed of the sandbox world.")
+    title_tokens: bool = arg(WORLD["title_tokens"], "Sandbox tokenizer with one token per title and per year (a "
+                                                    "list line is 3 tokens; see SandboxConfig.title_tokens).")
+    tie_embeddings: bool = arg(WORLD["tie_embeddings"], "Tie the base model's output head to its input embeddings "
+                                                        "(untied: 2.7M instead of 2.2M parameters at the same "
+                                                        "compute; see SandboxConfig.tie_embeddings).")
+    pretrain_steps: int = arg(WORLD["pretrain_steps"], "Knowledge-pretraining steps of the base model (0: a random "
+                                                       "base model).")
+    pretrain_chat_questions: int = arg(WORLD["pretrain_chat_questions"], "Chat turns of catalog questions in the "
+                                                                         "pretraining corpus.")
     # SFT (every SFT arm)
-    sft_steps: int = arg(1200, "SFT optimiser steps (batch 16; 1,200 steps are 3.2 epochs of 6,000 demonstrations).")
-    sft_lr: float = arg(3e-3, "SFT peak learning rate.")
-    sft_eval_every: int = arg(600, "SFT validation (loss and greedy NDCG) every this many steps.")
+    sft_steps: int = arg(SFT["max_steps"], "SFT optimiser steps.")
+    sft_lr: float = arg(SFT["lr"], "SFT peak learning rate.")
+    sft_eval_every: int = arg(REPORT["sft"]["eval_every"], "SFT validation (loss and greedy NDCG) every this many "
+                                                           "steps.")
     # RL (every RL arm)
-    rl_steps: int = arg(30, "Sampling rounds per RL arm (mu = 2 arms take 2 optimiser steps per round).")
-    rl_lr: float = arg(1e-4, "RL learning rate (constant, as the paper's 0.5B schedule).")
-    prompts_per_step: int = arg(8, "Prompts per round (x G completions).")
-    group_size: int = arg(8, "G, completions per prompt (paper 8).")
-    beta: float = arg(1e-3, "KL coefficient (paper 1e-3; the reference model is present).")
-    max_new_tokens: int = arg(100, "Completion budget (a 20-line list is 60 tokens with title tokens, 3 a line; "
-                                   "the rest leaves room for overflow lines).")
-    stop_after_lines: int = arg(21, "Stop a completion after this many lines (N + 1 still shows overflow).")
-    eval_every: int = arg(15, "Validation NDCG@20 (greedy) every this many rounds.")
-    val_examples: int = arg(100, "Validation conversations for the curves.")
-    seed: int = arg(3407, "Seed of every training run (the paper's).")
+    rl_steps: int = arg(RL["steps"], "Sampling rounds per RL arm (mu = 2 arms take 2 optimiser steps per round).")
+    rl_lr: float = arg(RL["lr"], "RL learning rate (constant, as the paper's 0.5B schedule).")
+    prompts_per_step: int = arg(RL["prompts_per_step"], "Prompts per round (x G completions).")
+    group_size: int = arg(RL["group_size"], "G, completions per prompt (paper 8).")
+    beta: float = arg(RL["beta"], "KL coefficient (the paper's; the reference model is present).")
+    max_new_tokens: int = arg(MAX_NEW_TOKENS, "Completion budget of RL and evaluation (a 20-line list is 60 "
+                                              "tokens with title tokens, 3 a line; the rest leaves room for "
+                                              "overflow lines).")
+    stop_after_lines: int = arg(RL["stop_after_lines"], "Stop a completion after this many lines (N + 1 still "
+                                                        "shows overflow).")
+    eval_every: int = arg(REPORT["rl"]["eval_every"], "Validation NDCG@20 (greedy) every this many rounds.")
+    val_examples: int = arg(REPORT["rl"]["val_examples"], "Validation conversations for the curves.")
+    seed: int = arg(SEED, "Seed of every training run (the paper's).")
     arms: list[str] = arg([], "Only these RL arms (names as in the tables, e.g. on/rank_grpo_exp_inf); "
                               "empty: all.")
     sft_arms: list[str] = arg([], "Only these SFT arms of Table 2 (full, no_reflect, no_remap_reflect); full "
@@ -224,24 +233,43 @@ class Task:
     alone: bool = False  # nothing else can run beside it (everything depends on it): all cores
 
 
+def differing(defaults: Mapping[str, Any], values: dict[str, Any]) -> list[str]:
+    """Flags for the entries of ``values`` that ``defaults`` (a script's sandbox preset, which the
+    script applies by itself) does not hold or holds with another value.
+
+    >>> differing({"lr": 0.5, "steps": 9}, {"lr": 0.5, "steps": 2, "eval_every": 4})
+    ['--steps', '2', '--eval-every', '4']
+    """
+    return to_flags({k: v for k, v in values.items() if k not in defaults or defaults[k] != v})
+
+
 def plan(cfg: PaperTablesConfig) -> list[Task]:
-    """Every stage as a task, in priority order (the critical path and the long RL arms first)."""
+    """Every stage as a task, in priority order (the critical path and the long RL arms first).
+
+    Every script runs at its sandbox preset (rankgrpo/sandbox/settings.py): a command names its
+    paths, what makes its arm (algorithm, return, mu, seed, ablation), the report's validation
+    curves and whole test split (``REPORT``), and any setting this run changes (--quick, a flag)."""
     out, py = Path(cfg.out), cfg.python or sys.executable
     world = out / "world"
     data = dict(catalog=str(world / "catalog.jsonl"), train=str(world / "train.jsonl"),
                 val=str(world / "validation.jsonl"), test=str(world / "test.jsonl"))
-    tasks = [Task("world", [py, "-m", "rankgrpo.sandbox", "--out", str(world), "--seed", str(cfg.world_seed),
-                            "--n-films", str(cfg.n_films), "--n-train", str(cfg.n_train),
-                            "--n-validation", str(cfg.n_validation), "--n-test", str(cfg.n_test),
-                            *(["--title-tokens"] if cfg.title_tokens else []),
-                            *([] if cfg.tie_embeddings else ["--no-tie-embeddings"]),
-                            "--pretrain-steps", str(cfg.pretrain_steps),
-                            "--pretrain-chat-questions", str(cfg.pretrain_chat_questions)],
+    world_values = dict(seed=cfg.world_seed, n_films=cfg.n_films, n_train=cfg.n_train, n_validation=cfg.n_validation,
+                        n_test=cfg.n_test, title_tokens=cfg.title_tokens, tie_embeddings=cfg.tie_embeddings,
+                        pretrain_steps=cfg.pretrain_steps, pretrain_chat_questions=cfg.pretrain_chat_questions)
+    sft_values = dict(max_steps=cfg.sft_steps, lr=cfg.sft_lr, eval_every=cfg.sft_eval_every,
+                      save_every=cfg.sft_eval_every,
+                      val_gen_examples=min(cfg.val_examples, REPORT["sft"]["val_gen_examples"]))
+    rl_values = dict(steps=cfg.rl_steps, lr=cfg.rl_lr, prompts_per_step=cfg.prompts_per_step,
+                     group_size=cfg.group_size, beta=cfg.beta, max_new_tokens=cfg.max_new_tokens,
+                     stop_after_lines=cfg.stop_after_lines, eval_every=cfg.eval_every, val_examples=cfg.val_examples,
+                     save_every=cfg.eval_every)
+    eval_values = dict(max_new_tokens=cfg.max_new_tokens, **REPORT["evaluate"])
+    tasks = [Task("world", [py, "-m", "rankgrpo.sandbox", "--out", str(world), "--preset", "demo",
+                            *differing(WORLD, world_values)],
                   world / "base_model" / "config.json", alone=True)]
     for name, flags, _ in selected_sft(cfg):
         demos = out / "demos" / name
-        tasks.append(Task(f"demos/{name}", [py, "build_demos.py", "--world", str(world), "--out", str(demos),
-                                            "--train-fraction", "1.0", "--report-train", "0", *flags],
+        tasks.append(Task(f"demos/{name}", [py, "build_demos.py", "--world", str(world), "--out", str(demos), *flags],
                           demos / "train.jsonl", ["world"]))
     sft_runs = [(name, name, 0) for name, _, _ in selected_sft(cfg)] + replicate_sft(cfg)
     for name, demos_name, offset in sft_runs:
@@ -249,11 +277,8 @@ def plan(cfg: PaperTablesConfig) -> list[Task]:
         tasks.append(Task(f"sft/{name}", [py, "train_sft.py", "--model", str(world / "base_model"),
                                           "--train-data", str(demos / "train.jsonl"),
                                           "--val-data", str(demos / "validation.jsonl"), "--catalog", data["catalog"],
-                                          "--out", str(run), "--max-steps", str(cfg.sft_steps),
-                                          "--lr", str(cfg.sft_lr), "--seed", str(cfg.seed + offset),
-                                          "--eval-every", str(cfg.sft_eval_every),
-                                          "--val-gen-examples", str(min(cfg.val_examples, 100)),
-                                          "--save-every", str(cfg.sft_eval_every), "--resume"],
+                                          "--out", str(run), "--seed", str(cfg.seed + offset),
+                                          *differing(SFT, sft_values), "--resume"],
                           run / "final" / "config.json", [f"demos/{demos_name}"]))
     for arm in selected_arms(cfg) + replicate_arms(cfg):
         run = out / "rl" / arm.name
@@ -261,18 +286,12 @@ def plan(cfg: PaperTablesConfig) -> list[Task]:
         tasks.append(Task(f"rl/{arm.name}", [
             py, "train_rankgrpo.py", "--model", str(start), "--data", data["train"], "--val-data", data["val"],
             "--catalog", data["catalog"], "--out", str(run), "--algo", arm.algo, "--reward", arm.reward,
-            "--mu", str(arm.mu), "--steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr),
-            "--prompts-per-step", str(cfg.prompts_per_step), "--group-size", str(cfg.group_size),
-            "--beta", str(cfg.beta), "--max-new-tokens", str(cfg.max_new_tokens),
-            "--stop-after-lines", str(cfg.stop_after_lines), "--eval-every", str(cfg.eval_every),
-            "--val-examples", str(cfg.val_examples), "--save-every", str(cfg.eval_every),
-            "--seed", str(cfg.seed + arm.seed_offset), "--resume"],
+            "--mu", str(arm.mu), "--seed", str(cfg.seed + arm.seed_offset), *differing(RL, rl_values), "--resume"],
             run / "final" / "config.json", ["world" if arm.start == "world" else arm.start]))
     for name, model, dep in eval_targets(cfg):
         tasks.append(Task(f"eval/{name}", [py, "evaluate.py", "--model", str(model), "--data", data["test"],
                                            "--catalog", data["catalog"], "--name", name,
-                                           "--out", str(out / "eval" / name),
-                                           "--max-new-tokens", str(cfg.max_new_tokens),
+                                           "--out", str(out / "eval" / name), *differing(EVALUATE, eval_values),
                                            *(["--constrained", "--no-exclude-seen"]
                                              if name.startswith(CONSTRAINED) else [])],
                           out / "eval" / name / "results.json", [dep]))

@@ -8,8 +8,13 @@ The resolved config is written to the run directory as JSON (``save_config``).
 Numeric fields declare their bounds in ``arg(..., min=, max=, above=)`` (``min``/``max``
 inclusive, ``above`` exclusive); ``parse_config`` checks them on every value, given or
 default, and a bad value or an unknown flag is one line on stderr that names the flag.
-The value 0 means the same thing wherever a flag name recurs: ``*_every`` 0 is off, a
-limit or cap 0 is "no limit", and a field documented "0: from the preset" takes the preset.
+The value 0 means the same thing wherever a flag name recurs: ``*_every`` 0 is off, and a
+limit or cap 0 is "no limit".
+
+Presets: a config class with a ``preset`` field and a ``PRESETS`` class attribute (preset name ->
+{field: value}) takes the chosen preset's values as the defaults of those flags; a flag given on
+the command line wins, and ``--help`` shows the chosen preset's defaults. A config built in Python
+(``Config(...)``) gets the dataclass defaults: presets belong to the command line.
 
     @dataclass
     class Config:
@@ -76,14 +81,20 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def _parser_for(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+def _parser_for(cls: type, description: str | None = None,
+                defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``cls``; ``defaults`` (a preset's values) replace the dataclass defaults."""
     parser = _Parser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         flag = flag_name(f.name)
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        if f.name in defaults:
+            default = defaults[f.name]
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         tp, is_seq, optional = _base_type(hints[f.name])
         if tp is bool and not is_seq:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
@@ -110,8 +121,39 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         raise SystemExit(f"error: {e}") from None
 
 
+def preset_defaults(cls: type, argv: Sequence[str]) -> dict[str, Any]:
+    """The values of the preset that ``argv`` chooses (``--preset NAME``, else the ``preset``
+    field's default) for a class with ``PRESETS``; {} for a class without presets, or for an
+    unknown name (the full parse then refuses it, naming the choices).
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class C:
+    ...     PRESETS = {"small": {"steps": 3}, "big": {"steps": 300}}
+    ...     preset: str = arg("small", "Preset.", choices=["small", "big"])
+    ...     steps: int = arg(10, "Steps.")
+    >>> preset_defaults(C, []), preset_defaults(C, ["--preset", "big"]), preset_defaults(C, ["--preset=none"])
+    ({'steps': 3}, {'steps': 300}, {})
+    >>> parse_config(C, ["--preset", "big"]).steps, parse_config(C, ["--preset", "big", "--steps", "5"]).steps
+    (300, 5)
+    """
+    presets = getattr(cls, "PRESETS", None)
+    if not presets:
+        return {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=fields["preset"].default)
+    chosen = pre.parse_known_args(list(argv))[0].preset
+    values = dict(presets.get(chosen, {}))
+    unknown = set(values) - set(fields)
+    if unknown:  # a mistake in the code, not in the command line
+        raise KeyError(f"preset {chosen!r} of {cls.__name__} sets unknown field(s) {sorted(unknown)}")
+    return values
+
+
 def _parse_config(cls, argv, description):
-    ns = _parser_for(cls, description).parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = _parser_for(cls, description, preset_defaults(cls, argv)).parse_args(argv)
     values = vars(ns)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -174,6 +216,25 @@ def run_cli(config_cls: type[T], run: Callable[[T], int], argv: Sequence[str] | 
         message = message[len("error: "):]
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def to_flags(values: dict[str, Any]) -> list[str]:
+    """Command-line flags that set ``values`` (field name -> value), ``parse_config``'s inverse:
+    a bool is ``--flag`` / ``--no-flag``, a list or tuple its items after the flag.
+
+    >>> to_flags({"lr": 0.001, "title_tokens": True, "tie_embeddings": False, "arms": ["a", "b"]})
+    ['--lr', '0.001', '--title-tokens', '--no-tie-embeddings', '--arms', 'a', 'b']
+    """
+    flags: list[str] = []
+    for name, value in values.items():
+        flag = flag_name(name)
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 def config_to_dict(cfg) -> dict:

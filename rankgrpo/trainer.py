@@ -7,7 +7,7 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +19,10 @@ from rankgrpo.config import ConfigError, arg, flag_name, run_cli
 class TrainerConfig:
     """Fields both trainers share (each script's config inherits them)."""
 
-    preset: str = arg("sandbox", "Defaults of the fields left at 0: 'paper' (hub models) or 'sandbox' (the tiny "
-                                 "sandbox model).", choices=["paper", "sandbox"])
+    preset: str = arg("sandbox", "Defaults of the fields the script's PRESETS name: 'paper' (App. C, for hub "
+                                 "models) or 'sandbox' (what make demo runs on the sandbox world: "
+                                 "rankgrpo/sandbox/settings.py). A flag given on the command line wins.",
+                      choices=["paper", "sandbox"])
     max_grad_norm: float = arg(1.0, "Gradient clipping norm (0: no clipping).", min=0)
     bf16: bool = arg(False, "bfloat16 autocast (GPU).")
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to save memory.")
@@ -33,16 +35,6 @@ class TrainerConfig:
                                  "name ('chatml') or a Jinja file. Saved with the checkpoints.")
     fsdp: bool = arg(False, "Under torchrun: shard parameters, gradients and optimizer state over the processes "
                             "(FSDP2) instead of replicating the model on each (DDP).")
-
-    def apply_preset(self, presets: dict[str, dict]) -> None:
-        """Fill every field still at 0 from ``presets[self.preset]`` (the resolved values are what
-        ``save_config`` writes)."""
-        names = {f.name for f in fields(self)}
-        for name, value in presets[self.preset].items():
-            if name not in names:
-                raise KeyError(f"preset {self.preset!r} sets unknown field {name!r}")
-            if not getattr(self, name):
-                setattr(self, name, value)
 
 
 def indices_for_step(step: int, n: int, per_step: int, seed: int) -> list[int]:

@@ -1,20 +1,26 @@
 """Command line of the sandbox.
 
     python -m rankgrpo.sandbox --out DIR [--seed 0 --n-films 3000 ...]   build a world (every SandboxConfig field)
+    python -m rankgrpo.sandbox --out DIR --preset demo                 the world of make demo and the benchmark report
     python -m rankgrpo.sandbox --out DIR --calibrate                   build, then calibrate
     python -m rankgrpo.sandbox --out DIR --pretrain-steps 300          a base model that knows its films
     python -m rankgrpo.sandbox calibrate --world DIR [--ooc-rate ...]   calibrate (every TeacherConfig field)
     python -m rankgrpo.sandbox baseline --world DIR --kind popularity --out FILE
                                                                       a baseline's lists as predictions JSONL,
                                                                       for evaluate.py --predictions FILE
+    python -m rankgrpo.sandbox settings [STAGE[.FIELD]] [--flags]      the demo's settings of every stage
+                                                                      (rankgrpo/sandbox/settings.py): JSON, one
+                                                                      value, or a stage as command-line flags
 """
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass, fields
+from typing import ClassVar, Mapping
 
 from rankgrpo.config import arg, parse_config
+from rankgrpo.sandbox import settings
 from rankgrpo.sandbox.config import SandboxConfig, TeacherConfig
 
 
@@ -22,8 +28,23 @@ from rankgrpo.sandbox.config import SandboxConfig, TeacherConfig
 class BuildCommand(SandboxConfig):
     """Build a sandbox world: catalog, splits and base model."""
 
+    PRESETS: ClassVar[dict] = {"": {}, "demo": settings.WORLD}
+
+    preset: str = arg("", "'demo': the world of make demo and the benchmark report, the one the scripts build "
+                          "in sandbox_world/ on first use (rankgrpo/sandbox/settings.py). Empty: the defaults "
+                          "below. A flag given on the command line wins.", choices=["", "demo"])
     out: str = arg("sandbox_world", "Directory to write the world into.")
     calibrate: bool = arg(False, "Calibrate on the test split after building.")
+
+
+@dataclass
+class SettingsCommand:
+    """Print the sandbox's settings (rankgrpo/sandbox/settings.py): every stage as JSON, one stage or
+    value by dotted path (rl, rl.lr, report.sft.eval_every), or with --flags a stage as the
+    command-line flags that set it."""
+
+    path: str = arg("", "Dotted path of a stage or value; empty: every stage.")
+    flags: bool = arg(False, "Print the stage as command-line flags (--n-films 200 --title-tokens ...).")
 
 
 @dataclass
@@ -66,8 +87,35 @@ def _calibrate(world_dir: str, teacher_cfg: TeacherConfig, split: str = "test", 
     print(calibration_report(results))
 
 
+def print_settings(path: str = "", as_flags: bool = False) -> None:
+    """``python -m rankgrpo.sandbox settings [PATH] [--flags]``."""
+    import json
+
+    from rankgrpo.config import to_flags
+
+    try:
+        value = settings.lookup(path) if path else settings.STAGES
+    except KeyError as e:
+        raise SystemExit(f"error: {e.args[0]}") from None
+    if as_flags:
+        if not isinstance(value, Mapping) or any(isinstance(v, Mapping) for v in value.values()):
+            raise SystemExit(f"error: --flags needs a stage of flat values (world, demos, sft, rl, evaluate, "
+                             f"report.sft, ...), got {path or 'every stage'!r}")
+        print(" ".join(to_flags(dict(value))))
+    elif isinstance(value, Mapping):
+        print(json.dumps(settings.as_dict(value), indent=2))
+    else:
+        print(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "settings":
+        rest = argv[1:]
+        path = rest.pop(0) if rest and not rest[0].startswith("-") else ""
+        cmd = parse_config(SettingsCommand, ["--path", path, *rest])
+        print_settings(cmd.path, cmd.flags)
+        return
     if argv and argv[0] == "calibrate":
         cmd = parse_config(CalibrateCommand, argv[1:])
         _calibrate(cmd.world, _only(TeacherConfig, cmd), cmd.split, cmd.limit)

@@ -25,6 +25,7 @@ from pathlib import Path
 from rankgrpo.catalog import load_catalog
 from rankgrpo.io import atomic_write_json, atomic_write_text
 from rankgrpo.sandbox.config import SandboxConfig
+from rankgrpo.sandbox.settings import world_config
 from rankgrpo.sandbox.world import (
     FORMAT,
     HIDDEN,
@@ -182,9 +183,10 @@ def load_world(root: str | Path) -> World:
 
 def ensure_world(out_dir: str | Path = "sandbox_world", cfg: SandboxConfig | None = None, *,
                  verbose: bool = True) -> World:
-    """Load the world in ``out_dir`` if this code built it from ``cfg`` (default config if None),
-    otherwise build it there. What every script calls when no data is given."""
-    cfg = cfg or SandboxConfig()
+    """Load the world in ``out_dir`` if this code built it from ``cfg`` (None: the demo's world,
+    ``rankgrpo.sandbox.settings.world_config()``), otherwise build it there. What every script
+    calls when no data is given."""
+    cfg = cfg or world_config()
     manifest_path = Path(out_dir) / HIDDEN / "world.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -53,9 +53,9 @@ def world(world_dir):
 
 @pytest.fixture(scope="module")
 def default_run(world_dir, tmp_path_factory):
-    """One run with every default but the world and the output directory."""
+    """One run with every default of the paper preset but the world and the output directory."""
     out = tmp_path_factory.mktemp("runs") / "demos"
-    build_demos.main(["--world", str(world_dir), "--out", str(out)])
+    build_demos.main(["--preset", "paper", "--world", str(world_dir), "--out", str(out)])
     return out
 
 
@@ -136,7 +136,7 @@ def test_train_subset_is_seeded_nested_and_capped():
 def test_rerun_makes_no_teacher_call_and_writes_identical_files(default_run, world_dir):
     before = {name: (default_run / name).read_bytes() for name in ("train.jsonl", "validation.jsonl")}
     first_sent = _report(default_run)["teacher_requests"]["sent"]
-    build_demos.main(["--world", str(world_dir), "--out", str(default_run)])
+    build_demos.main(["--preset", "paper", "--world", str(world_dir), "--out", str(default_run)])
     report = _report(default_run)
     assert first_sent > 0 and report["teacher_requests"]["sent"] == 0
     assert report["teacher_requests"]["from_cache"] >= first_sent
@@ -266,7 +266,8 @@ def test_ablation_switches_change_the_demonstrations_and_the_stages(default_run,
     runs = {"full": default_run}
     for flag in ("--no-reflect", "--no-remap-reflect", "--no-adjust"):
         runs[flag] = tmp_path / flag.strip("-")
-        build_demos.main(["--world", str(world_dir), "--out", str(runs[flag]), "--cache-dir", cache, flag])
+        build_demos.main(["--preset", "paper", "--world", str(world_dir), "--out", str(runs[flag]), "--cache-dir",
+                          cache, flag])
     reports = {name: _report(out) for name, out in runs.items()}
     demos = {name: _completions(out / "validation.jsonl") for name, out in runs.items()}
     assert [reports[n]["stages"] for n in runs] == [["raw", "remap", "reflect", "adjust"], ["raw", "remap", "adjust"],

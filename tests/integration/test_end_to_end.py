@@ -26,7 +26,8 @@ def test_four_scripts_end_to_end(tmp_path):
 
     script("train_rankgrpo.py", "--model", tmp_path / "sft" / "final", "--data", world / "train.jsonl",
            "--val-data", world / "validation.jsonl", "--catalog", cat, "--out", tmp_path / "rl", "--steps", 1,
-           "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 16, "--val-examples", 2)
+           "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 16, "--eval-every", 1,
+           "--val-examples", 2)
     log = [json.loads(line) for line in (tmp_path / "rl" / "log.jsonl").read_text().splitlines()]
     assert {"val_ndcg@20", "reward/rank_1"} <= set().union(*log)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from rankgrpo.sandbox import settings
+
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("paper_tables", ROOT / "benchmarks" / "paper_tables.py")
 pt = importlib.util.module_from_spec(spec)
@@ -17,8 +19,28 @@ sys.modules["paper_tables"] = pt  # dataclasses look their module up there
 spec.loader.exec_module(pt)
 
 
+def _script(name):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+SCRIPT_CONFIGS = {"train_sft": _script("train_sft").TrainSFTConfig,
+                  "train_rankgrpo": _script("train_rankgrpo").TrainRankGRPOConfig,
+                  "evaluate": _script("evaluate").EvaluateConfig}
+
+
 def _cfg(*argv):
     return pt.parse_config(pt.PaperTablesConfig, ["--out", "OUT", *argv])
+
+
+def resolve(task):
+    """The config a task's command resolves to in its script (parsed as the script would)."""
+    script = next(i for i, x in enumerate(task.cmd) if x.endswith(".py"))
+    cls = SCRIPT_CONFIGS[Path(task.cmd[script]).stem]
+    return pt.parse_config(cls, task.cmd[script + 1:])
 
 
 def evals_of(tasks):
@@ -38,15 +60,19 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
     def flag(t, f):
         return t.cmd[t.cmd.index(f) + 1]
 
-    for f in ["--steps", "--lr", "--seed", "--prompts-per-step", "--group-size", "--max-new-tokens", "--beta"]:
-        assert len({flag(t, f) for t in rl}) == 1, f  # equal steps, samples and seeds
+    # every arm resolves (the script's sandbox preset + the task's flags) to equal steps, samples and seeds
+    resolved = [resolve(t) for t in rl]
+    for f in ["steps", "lr", "seed", "prompts_per_step", "group_size", "max_new_tokens", "beta", "stop_after_lines",
+              "micro_batch_size"]:
+        assert len({getattr(c, f) for c in resolved}) == 1, f
+    assert {(c.algo, c.reward, c.mu) for c in resolved} == {(a.algo, a.reward, a.mu) for a in pt.RL_ARMS}
     assert {flag(t, "--model") for t in rl if "r1zero" not in t.name} == {str(Path("OUT/sft/full/final"))}
     r1 = next(t for t in rl if "r1zero" in t.name)
     assert flag(r1, "--model") == str(Path("OUT/world/base_model"))
     mus = {t.name: flag(t, "--mu") for t in rl}
     assert mus["rl/off/gspo"] == "2" and mus["rl/on/grpo"] == "1"
-    sft = [t for t in tasks if t.name.startswith("sft/")]
-    assert len({(flag(t, "--max-steps"), flag(t, "--lr"), flag(t, "--seed")) for t in sft}) == 1
+    sft = [resolve(t) for t in tasks if t.name.startswith("sft/")]
+    assert len({(c.max_steps, c.lr, c.seed, c.micro_batch_size) for c in sft}) == 1
     demos = {t.name: t.cmd for t in tasks if t.name.startswith("demos/")}
     assert "--no-reflect" in demos["demos/no_reflect"] and "--no-remap-reflect" in demos["demos/no_remap_reflect"]
     assert not {"--no-reflect", "--no-remap-reflect"} & set(demos["demos/full"])
@@ -60,6 +86,25 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
         plain = evals[n.replace("constrained/", "")]
         assert [x.replace("constrained/", "") for x in evals[n]] == plain + ["--constrained", "--no-exclude-seen"]
     assert len(evals_of(pt.plan(_cfg("--replicates", "0", "--no-constrained-eval")))) == 12
+
+
+def test_every_stage_runs_the_sandbox_settings_plus_the_reports_curves_and_whole_test_split():
+    """The commands name no setting; resolved by the scripts, they are rankgrpo/sandbox/settings.py's,
+    with REPORT on top. --quick passes its smaller sizes."""
+    tasks = {t.name: t for t in pt.plan(_cfg("--replicates", "0"))}
+    world = tasks["world"].cmd
+    assert world[world.index("--out") + 2:] == ["--preset", "demo"]
+    assert tasks["demos/full"].cmd[-4:] == ["--world", str(Path("OUT/world")), "--out", str(Path("OUT/demos/full"))]
+    for name, stage, extra in (("sft/full", settings.SFT, settings.REPORT["sft"]),
+                               ("rl/on/rank_grpo_exp_inf", settings.RL, settings.REPORT["rl"]),
+                               ("eval/rl/on/rank_grpo_exp_inf", settings.EVALUATE, settings.REPORT["evaluate"])):
+        cfg = resolve(tasks[name])
+        assert {k: getattr(cfg, k) for k in stage} == {**stage, **{k: v for k, v in extra.items() if k in stage}}
+        assert {k: getattr(cfg, k) for k in extra} == dict(extra)
+    quick = {t.name: t for t in pt.plan(_cfg("--quick"))}
+    assert (resolve(quick["sft/full"]).max_steps, resolve(quick["rl/on/grpo"]).steps) == (40, 3)
+    world = quick["world"].cmd
+    assert world[world.index("--n-train") + 1] == "1000"
 
 
 def test_arms_filter_and_unknown_arm():

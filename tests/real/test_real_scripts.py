@@ -69,9 +69,9 @@ def rl_run(work, sft_run, reddit_sample):
 def test_zero_shot_evaluation(work, smollm2_dir, reddit_sample):
     sample, catalog = reddit_sample
     out = work / "eval_zero_shot"
-    run_script("evaluate.py", "--model", smollm2_dir, "--data", sample, "--catalog", catalog, "--limit", 4,
-               "--max-new-tokens", 200, "--batch-size", 4, "--name", "smollm2-135m-zero-shot", "--out", out,
-               cwd=work)
+    run_script("evaluate.py", "--preset", "paper", "--model", smollm2_dir, "--data", sample, "--catalog", catalog,
+               "--limit", 4, "--max-new-tokens", 200, "--batch-size", 4, "--name", "smollm2-135m-zero-shot",
+               "--out", out, cwd=work)
     results = json.loads((out / "results.json").read_text())["results"]
     rows = read_jsonl(out / "examples.jsonl")
     assert results["n_examples"] == 4 and len(rows) == 4
