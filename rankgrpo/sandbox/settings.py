@@ -19,7 +19,7 @@ Each stage is a read-only mapping from field names of that stage's config to val
 
 runs the demo's pipeline (in sandbox_world/ and runs/ instead of runs/demo/). scripts/demo.sh
 passes paths and the seed only; paper_tables.py passes what differs per arm (algorithm, seed,
-ablation) and the REPORT values. tests/test_settings.py parses every script with no flags and
+ablation) and the REPORT values. tests/components/test_settings.py parses every script with no flags and
 checks that it resolves to these values.
 
     python -m rankgrpo.sandbox settings                 # every stage, as JSON
