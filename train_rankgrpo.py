@@ -36,15 +36,16 @@ from rankgrpo.config import ConfigError, arg, save_config
 from rankgrpo.constraint import catalog_trie, constraint_for_examples
 from rankgrpo.data import chat_prompt_ids, load_examples, truncate_left
 from rankgrpo.distributed import (inference_model, prompt_generators, resume_training, run_in_world,
-                                  save_final_weights, save_training_checkpoint, wrap_model)
+                                  save_final_weights, save_training_checkpoint, unwrap, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
+from rankgrpo.lora import trainable_parameters
 from rankgrpo.models import load_model
 from rankgrpo.rl import prepare_batch, rollout_metrics, sync, update_pass
 from rankgrpo.sampling import sample
 from rankgrpo.models import eos_token_ids
 from rankgrpo.schedules import parse_lr_schedule, step_schedule
-from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, indices_for_step,
-                              run_script, start_from)
+from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths,
+                              enable_gradient_checkpointing, indices_for_step, run_script, start_from)
 from rankgrpo.validation import validate_generation
 
 PRESETS = {
@@ -119,6 +120,7 @@ class TrainRankGRPOConfig(TrainerConfig):
 
     def validate(self) -> None:
         self.apply_preset(PRESETS)
+        self.validate_shared()
         paper_eps = {"rank_grpo": (0.06, 0.08), "grpo": (0.2, 0.26), "gspo": (3e-4, 4e-4)}[self.algo]
         for name, paper in (("eps_low", paper_eps[0]), ("eps_high", paper_eps[1])):
             value = getattr(self, name)
@@ -174,9 +176,9 @@ def train(cfg, world) -> int:
     val_report = val_all.report
     val = val_all[: cfg.val_examples]
     cfg.device = world.device
-    resume_from, generator, tokenizer, model = start_from(cfg)
+    resume_from, generator, tokenizer, model = start_from(cfg, world)
     reference = None
-    if cfg.beta != 0:  # frozen copy of the *starting* checkpoint, also after a resume
+    if cfg.beta != 0 and not cfg.lora_rank:  # frozen copy of the *starting* checkpoint, also after a resume
         reference = load_model(cfg.model, device=cfg.device) if resume_from else copy.deepcopy(model)
         reference.eval().requires_grad_(False)
     if any(not e.groundtruth for e in examples):
@@ -224,12 +226,15 @@ def train(cfg, world) -> int:
                                        exclude_seen=cfg.exclude_seen)
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     announce_prefix_sharing(cfg, world, "rl")
     model = wrap_model(model, world, bf16=cfg.bf16)
     if reference is not None:  # replicated (DDP) or sharded (FSDP2) like the policy
         reference = wrap_model(reference, world, trainable=False, bf16=cfg.bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+    elif cfg.beta != 0:  # LoRA: the policy itself, which prepare_batch runs with its adapters off
+        reference = unwrap(model)
+    # every parameter in full fine-tuning; under LoRA only the adapters (the rest is frozen)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = parse_lr_schedule(cfg.lr_schedule)
     step = 0

@@ -28,11 +28,13 @@ from rankgrpo.data import load_examples
 from rankgrpo.distributed import (World, clip_grad_norm, grad_sync, inference_model, resume_training, run_in_world,
                                   save_final_weights, save_training_checkpoint, wrap_model)
 from rankgrpo.io import append_jsonl, atomic_write_json
+from rankgrpo.lora import trainable_parameters
 from rankgrpo.losses import sft_loss
 from rankgrpo.schedules import cosine_with_warmup
 from rankgrpo.sft_data import collate_sft, sft_logits, tokenize_sft_split
-from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, indices_for_step,
-                              run_script, share_prompt_prefix, start_from)
+from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths,
+                              enable_gradient_checkpointing, indices_for_step, run_script, share_prompt_prefix,
+                              start_from)
 from rankgrpo.validation import validate_generation
 
 PRESETS = {
@@ -85,6 +87,7 @@ class TrainSFTConfig(TrainerConfig):
 
     def validate(self) -> None:
         self.apply_preset(PRESETS)
+        self.validate_shared()
 
 
 @torch.no_grad()
@@ -123,7 +126,7 @@ def train(cfg, world) -> int:
     missing = [e.id for e in train if e.completion is None]
     if missing:
         raise SystemExit(f"error: {cfg.train_data}: {len(missing)} example(s) without 'completion', e.g. {missing[0]}")
-    resume_from, generator, tokenizer, model = start_from(cfg)
+    resume_from, generator, tokenizer, model = start_from(cfg, world)
     train_samples, train_report = tokenize_sft_split(tokenizer, train, cfg.max_length)
     val_samples, val_report = tokenize_sft_split(tokenizer, [e for e in val if e.completion is not None],
                                                  cfg.max_length)
@@ -152,10 +155,11 @@ def train(cfg, world) -> int:
                          f"evenly over {world.size} processes")
     total_steps = cfg.max_steps or cfg.epochs * (len(train_samples) // window)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     model.train()
     model = wrap_model(model, world, bf16=cfg.bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # every parameter in full fine-tuning; under LoRA only the adapters (the rest is frozen)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, total_steps, cfg.warmup_ratio))
     step = 0

@@ -293,17 +293,22 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 class _HFWeights:
     """What ``save_checkpoint`` / ``save_final`` call ``save_pretrained`` on: the HF model with
-    the full state dict (gathered from the shards under FSDP2), saved under the model's own class."""
+    the full state dict (gathered from the shards under FSDP2; merged under LoRA), saved under the
+    model's own class. Under LoRA the adapter alone goes beside the weights, into ``adapter/``."""
 
-    def __init__(self, model, state_dict):
+    def __init__(self, model, state_dict, lora: bool = False):
         self.model = unwrap(model)
         self.state_dict = state_dict
+        self.lora = lora
 
     def save_pretrained(self, path) -> None:
         if self.state_dict is None:
             self.model.save_pretrained(path)
             return
         self.model.save_pretrained(path, state_dict=self.state_dict)
+        if self.lora:
+            from rankgrpo.lora import ADAPTER_DIR, save_adapter
+            save_adapter(self.model, Path(path) / ADAPTER_DIR)
         # FSDP2 subclasses the model as FSDP<Class>; the config must name the plain class
         base = next(c for c in type(self.model).__mro__ if c.__module__.startswith("transformers"))
         cfg_path = Path(path) / "config.json"
@@ -313,7 +318,12 @@ class _HFWeights:
 
 
 def hf_weights(model, world: World) -> _HFWeights:
-    """Collective under FSDP2 (every rank must call it); rank 0 then saves the result."""
+    """Collective under FSDP2 (every rank must call it); rank 0 then saves the result. Under LoRA
+    (never with FSDP2): the merged weights under the base model's names, and the adapter."""
+    from rankgrpo.lora import lora_layers, merged_state_dict
+
+    if lora_layers(unwrap(model)):
+        return _HFWeights(model, merged_state_dict(unwrap(model)), lora=True)
     if world.mode != "fsdp":
         return _HFWeights(model, None)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
