@@ -32,18 +32,19 @@ from tqdm import tqdm
 
 from rankgrpo.catalog import load_catalog
 from rankgrpo.checkpoint import truncate_log
-from rankgrpo.config import ConfigError, arg, save_config
+from rankgrpo.config import ConfigError, arg, config_to_dict, save_config
 from rankgrpo.constraint import catalog_trie, constraint_for_examples
 from rankgrpo.data import chat_prompt_ids, load_examples, truncate_left
 from rankgrpo.distributed import (inference_model, prompt_generators, resume_training, run_in_world,
                                   save_final_weights, save_training_checkpoint, unwrap, wrap_model)
-from rankgrpo.io import append_jsonl, atomic_write_json
+from rankgrpo.io import atomic_write_json
 from rankgrpo.lora import trainable_parameters
 from rankgrpo.models import load_model
 from rankgrpo.rl import prepare_batch, rollout_metrics, sync, update_pass
 from rankgrpo.sampling import sample
 from rankgrpo.models import eos_token_ids
 from rankgrpo.schedules import parse_lr_schedule, step_schedule
+from rankgrpo.tracking import MetricLog, open_tracker
 from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths,
                               enable_gradient_checkpointing, indices_for_step, run_script, start_from)
 from rankgrpo.validation import validate_generation
@@ -244,6 +245,8 @@ def train(cfg, world) -> int:
         print(f"resumed from {resume_from} at step {step}")
     if world.is_main:
         truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
+    # rank 0's log.jsonl, and the same rows to --report-to's tracker
+    log = MetricLog(log_path, open_tracker(cfg.report_to, cfg.out, config_to_dict(cfg), world))
     autocast = (lambda: torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)) \
         if cfg.bf16 else contextlib.nullcontext
     guard = NonFiniteGuard(cfg.max_nonfinite)
@@ -256,7 +259,7 @@ def train(cfg, world) -> int:
                                                         world=world)}
         if not world.is_main:
             return
-        append_jsonl(log_path, row)
+        log.append(row)
         tqdm.write(f"step {step}: val NDCG@20 {row['val_ndcg@20']:.4f} R@20 {row['val_recall@20']:.4f} "
                    f"in-catalog {row['val_in_catalog']:.3f}")
 
@@ -306,7 +309,7 @@ def train(cfg, world) -> int:
                    **decode_log(rollout.decode_stats)}
             row = world.mean_metrics(row, sums=("samples_per_s",))  # global means; samples/s summed
             if world.is_main:
-                append_jsonl(log_path, row)
+                log.append(row)
         step += 1
         bar.update(1)
         bar.set_postfix(r1=f"{row['reward/rank_1']:.2f}", dcg=f"{row['reward/dcg']:.3f}",
@@ -323,6 +326,7 @@ def train(cfg, world) -> int:
               f"--max-prompt-length {cfg.max_prompt_length} ({sum(truncated.values())} tokens); "
               f"{cfg.out}/data_report.json")
     save_final_weights(world, cfg.out, model, tokenizer)
+    log.close()
     if world.is_main:
         print(f"final weights: {cfg.out}/final")
     return 0

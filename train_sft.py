@@ -23,15 +23,16 @@ from tqdm import tqdm
 
 from rankgrpo.catalog import load_catalog
 from rankgrpo.checkpoint import truncate_log
-from rankgrpo.config import arg, save_config
+from rankgrpo.config import arg, config_to_dict, save_config
 from rankgrpo.data import load_examples
 from rankgrpo.distributed import (World, clip_grad_norm, grad_sync, inference_model, resume_training, run_in_world,
                                   save_final_weights, save_training_checkpoint, wrap_model)
-from rankgrpo.io import append_jsonl, atomic_write_json
+from rankgrpo.io import atomic_write_json
 from rankgrpo.lora import trainable_parameters
 from rankgrpo.losses import sft_loss
 from rankgrpo.schedules import cosine_with_warmup
 from rankgrpo.sft_data import collate_sft, sft_logits, tokenize_sft_split
+from rankgrpo.tracking import MetricLog, open_tracker
 from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths,
                               enable_gradient_checkpointing, indices_for_step, run_script, share_prompt_prefix,
                               start_from)
@@ -171,6 +172,8 @@ def train(cfg, world) -> int:
         print(f"resumed from {resume_from} at step {step}")
     if world.is_main:
         truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
+    # rank 0's log.jsonl, and the same rows to --report-to's tracker
+    log = MetricLog(log_path, open_tracker(cfg.report_to, cfg.out, config_to_dict(cfg), world))
     autocast = (lambda: torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)) \
         if cfg.bf16 else contextlib.nullcontext
     guard = NonFiniteGuard(cfg.max_nonfinite)
@@ -189,7 +192,7 @@ def train(cfg, world) -> int:
                                                max_new_tokens=cfg.max_new_tokens, n_items=cfg.n_items, world=world))
         if not world.is_main:
             return
-        append_jsonl(log_path, row)
+        log.append(row)
         tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     bar = tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True, disable=not world.is_main)
@@ -223,9 +226,9 @@ def train(cfg, world) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss.item():.3f}")
         if world.is_main and cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
-            append_jsonl(log_path, {"step": step, "loss": total_loss.item(), "lr": scheduler.get_last_lr()[0],
-                                    "grad_norm": float(grad_norm), "tokens": window_tokens,
-                                    "seconds": time.perf_counter() - t0})
+            log.append({"step": step, "loss": total_loss.item(), "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm), "tokens": window_tokens,
+                        "seconds": time.perf_counter() - t0})
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             evaluate_now()
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
@@ -234,6 +237,7 @@ def train(cfg, world) -> int:
     if cfg.eval_every:
         evaluate_now()
     save_final_weights(world, cfg.out, model, tokenizer)
+    log.close()
     if world.is_main:
         print(f"final weights: {cfg.out}/final")
     return 0

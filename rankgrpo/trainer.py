@@ -14,6 +14,7 @@ import torch
 
 from rankgrpo.config import ConfigError, arg, flag_name, run_cli
 from rankgrpo.lora import DEFAULT_TARGETS, LoRAError, LoRASettings
+from rankgrpo.tracking import TRACKERS, check_tracker_installed
 
 
 @dataclass
@@ -44,6 +45,11 @@ class TrainerConfig:
                               min=0)
     lora_targets: list[str] = arg(list(DEFAULT_TARGETS), "LoRA: the layers to adapt, as module names or dotted "
                                                           "path suffixes (PEFT's target_modules rule).")
+    report_to: str = arg("none", "Also send every row of RUN/log.jsonl to an experiment tracker (rank 0 only; "
+                                 "the JSONL stays the record): tensorboard (RUN/tensorboard/, pip install "
+                                 "'rankgrpo[tensorboard]') or wandb (pip install 'rankgrpo[wandb]'; "
+                                 "WANDB_MODE=offline works without an account).",
+                         choices=list(TRACKERS))
 
     def validate_shared(self) -> None:
         """Checks of the shared fields (each script's ``validate`` calls it after its preset)."""
@@ -55,6 +61,7 @@ class TrainerConfig:
                 raise ConfigError(f"--lora-dropout must be < 1, got {self.lora_dropout}")
             if not self.lora_targets:
                 raise ConfigError("--lora-targets names no module")
+        check_tracker_installed(self.report_to)
 
     def lora_settings(self) -> LoRASettings | None:
         """The LoRA settings of this run (None: full fine-tuning)."""
