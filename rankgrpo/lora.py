@@ -200,11 +200,14 @@ def describe(model: nn.Module) -> str:
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict with W + (alpha / r) B A in place of each adapted W: the same
     keys as the model had before ``add_lora`` (a tied weight is kept under its first name, as
-    ``save_pretrained`` does), float32 merge cast back to W's dtype."""
+    ``save_pretrained`` does). Each merge is computed in float32 on W's device, one layer at a
+    time, and kept in CPU memory in W's dtype; the other entries are the model's own tensors."""
     layers = lora_layers(model)
     merged = {}
-    for name, layer in layers.items():
-        merged[f"{name}.weight"] = (layer.weight.detach().float() + layer.delta_weight().detach()).to(layer.weight.dtype)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            w = layer.weight.float() + layer.delta_weight()
+            merged[f"{name}.weight"] = w.to("cpu", layer.weight.dtype)
     seen: set[int] = set()
     out = {}
     for key, value in model.state_dict(keep_vars=True).items():

@@ -151,9 +151,10 @@ def torchrun(script: str, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", [[], ["--fsdp"], ["--lora-rank", "8"]], ids=["ddp", "fsdp", "ddp-lora"])
 def test_torchrun_both_trainers_bf16_checkpointing(world, base, tmp_path, mode):  # noqa: F811
-    """The README's multi-GPU command on two CPU processes: --bf16 --gradient-checkpointing, DDP or FSDP2."""
+    """The README's multi-GPU command on two CPU processes: --bf16 --gradient-checkpointing, DDP or FSDP2,
+    and DDP with LoRA."""
     flags = ["--bf16", "--gradient-checkpointing", *mode]
     res = torchrun("train_sft.py", *sft_one_step(world, tmp_path / "sft", *flags))
     assert res.returncode == 0, res.stderr[-3000:]
