@@ -44,19 +44,20 @@ def logits(model, ids=IDS):
 
 
 def test_one_layer_by_hand():
-    """W = [[1, 2], [3, 4]], b = [0.5, -0.5], A = [[1, -1]], B = [[2], [0.5]], alpha = 2, r = 1, x = [1, 3]:
-    W x + b = [7.5, 14.5]; A x = -2; B A x = [-4, -1]; times alpha / r = 2 -> [-8, -2]; h = [-0.5, 12.5]."""
+    """W = [[1, 2], [3, 4]], b = [0.5, -0.5], r = 2, A = [[1, -1], [0, 1]], B = [[2, 0], [0.5, 1]], alpha = 4
+    (scaling alpha / r = 2), x = [1, 3]:
+    W x + b = [7.5, 14.5]; A x = [-2, 3]; B A x = [-4, 2]; times 2 -> [-8, 4]; h = [-0.5, 18.5]."""
     base = torch.nn.Linear(2, 2)
     with torch.no_grad():
         base.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
         base.bias.copy_(torch.tensor([0.5, -0.5]))
-    layer = LoRALinear(base, rank=1, alpha=2.0)
+    layer = LoRALinear(base, rank=2, alpha=4.0)
     with torch.no_grad():
-        layer.lora_A.weight.copy_(torch.tensor([[1.0, -1.0]]))
-        layer.lora_B.weight.copy_(torch.tensor([[2.0], [0.5]]))
+        layer.lora_A.weight.copy_(torch.tensor([[1.0, -1.0], [0.0, 1.0]]))
+        layer.lora_B.weight.copy_(torch.tensor([[2.0, 0.0], [0.5, 1.0]]))
     x = torch.tensor([1.0, 3.0])
-    assert layer(x).tolist() == [-0.5, 12.5]
-    assert layer.delta_weight().tolist() == [[4.0, -4.0], [1.0, -1.0]]  # (alpha / r) B A
+    assert layer(x).tolist() == [-0.5, 18.5]
+    assert layer.delta_weight().tolist() == [[4.0, -4.0], [1.0, 1.0]]  # (alpha / r) B A
     layer.adapter_enabled = False
     assert layer(x).tolist() == [7.5, 14.5]
     assert layer.weight is base.weight and layer.bias is base.bias  # the base's own parameters
