@@ -14,6 +14,8 @@ One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
     python train_rankgrpo.py --algo grpo                         # the vanilla GRPO baseline
     python train_rankgrpo.py --out runs/rl --resume              # continue exactly
     python train_rankgrpo.py --constrained                       # rollouts and log-probs under the catalog constraint
+    python train_rankgrpo.py --lora-rank 16                      # one GPU: LoRA adapters; the reference is free
+    python train_rankgrpo.py --report-to tensorboard             # also send the log's rows to a tracker
     torchrun --nproc-per-node 4 train_rankgrpo.py ... [--fsdp]   # data parallel: each GPU owns 1/4 of the prompts
 
 Prompts longer than --max-prompt-length (2,048) keep their last tokens; RUN/data_report.json and

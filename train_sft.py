@@ -4,6 +4,7 @@
     python train_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --preset paper --bf16 \\
         --train-data demos/train.jsonl --val-data demos/validation.jsonl --catalog catalog.jsonl --out runs/sft
     python train_sft.py --out runs/sft --resume           # continue exactly where a run stopped
+    python train_sft.py --lora-rank 16                    # LoRA: final/ merged weights, final/adapter/ (PEFT)
     torchrun --nproc-per-node 4 train_sft.py ... [--fsdp]   # data parallel: each GPU takes 1/4 of every batch
 
 Writes RUN/config.json, RUN/log.jsonl, RUN/checkpoints/step-*/ (HF weights + optimizer,
