@@ -15,6 +15,8 @@ One RL step, in order (stages 2-5 are functions of rankgrpo/rl.py):
     python train_rankgrpo.py --objective authors                 # the authors' released trainer's rules
     python train_rankgrpo.py --out runs/rl --resume              # continue exactly
     python train_rankgrpo.py --constrained                       # rollouts and log-probs under the catalog constraint
+    python train_rankgrpo.py --lora-rank 16                      # one GPU: LoRA adapters; the reference is free
+    python train_rankgrpo.py --report-to tensorboard             # also send the log's rows to a tracker
     torchrun --nproc-per-node 4 train_rankgrpo.py ... [--fsdp]   # data parallel: each GPU owns 1/4 of the prompts
 
 Prompts longer than --max-prompt-length (2,048) keep their last tokens; RUN/data_report.json and
@@ -34,20 +36,22 @@ from tqdm import tqdm
 
 from rankgrpo.catalog import load_catalog
 from rankgrpo.checkpoint import truncate_log
-from rankgrpo.config import ConfigError, arg, save_config
+from rankgrpo.config import ConfigError, arg, config_to_dict, save_config
 from rankgrpo.constraint import catalog_trie, constraint_for_examples
 from rankgrpo.data import chat_prompt_ids, load_examples, truncate_left
 from rankgrpo.distributed import (inference_model, prompt_keys, resume_training, run_in_world,
-                                  save_final_weights, save_training_checkpoint, wrap_model)
-from rankgrpo.io import append_jsonl, atomic_write_json
+                                  save_final_weights, save_training_checkpoint, unwrap, wrap_model)
+from rankgrpo.io import atomic_write_json
+from rankgrpo.lora import trainable_parameters
 from rankgrpo.models import load_model
 from rankgrpo.rl import prepare_batch, resolve_objective, rollout_metrics, sync, update_pass
 from rankgrpo.sampling import sample
 from rankgrpo.sandbox import settings
 from rankgrpo.models import eos_token_ids
 from rankgrpo.schedules import parse_lr_schedule, step_schedule
-from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, indices_for_step,
-                              run_script, start_from)
+from rankgrpo.tracking import MetricLog, open_tracker
+from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths,
+                              enable_gradient_checkpointing, indices_for_step, run_script, start_from)
 from rankgrpo.validation import validate_generation
 
 # The paper's App. C, for hub models: 48 prompts x G = 8 = 384 completions per step, lr 1e-6, 1,024 new tokens
@@ -162,6 +166,7 @@ class TrainRankGRPOConfig(TrainerConfig):
     trie_cache: str = arg("", "With --constrained: keep the catalog's token trie in this directory (default: memory).")
 
     def validate(self) -> None:
+        self.validate_shared()
         paper_eps = {"rank_grpo": (0.06, 0.08), "grpo": (0.2, 0.26), "gspo": (3e-4, 4e-4)}[self.algo]
         for name, paper in (("eps_low", paper_eps[0]), ("eps_high", paper_eps[1])):
             value = getattr(self, name)
@@ -218,9 +223,9 @@ def train(cfg, world) -> int:
     val_report = val_all.report
     val = val_all[: cfg.val_examples]
     cfg.device = world.device
-    resume_from, generator, tokenizer, model = start_from(cfg)
+    resume_from, generator, tokenizer, model = start_from(cfg, world)
     reference = None
-    if cfg.beta != 0:  # frozen copy of the *starting* checkpoint, also after a resume
+    if cfg.beta != 0 and not cfg.lora_rank:  # frozen copy of the *starting* checkpoint, also after a resume
         reference = load_model(cfg.model, device=cfg.device) if resume_from else copy.deepcopy(model)
         reference.eval().requires_grad_(False)
     if any(not e.groundtruth for e in examples):
@@ -268,12 +273,15 @@ def train(cfg, world) -> int:
                                        exclude_seen=cfg.exclude_seen)
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     announce_prefix_sharing(cfg, world, "rl")
     model = wrap_model(model, world, bf16=cfg.bf16)
     if reference is not None:  # replicated (DDP) or sharded (FSDP2) like the policy
         reference = wrap_model(reference, world, trainable=False, bf16=cfg.bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+    elif cfg.beta != 0:  # LoRA: the policy itself, which prepare_batch runs with its adapters off
+        reference = unwrap(model)
+    # every parameter in full fine-tuning; under LoRA only the adapters (the rest is frozen)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = parse_lr_schedule(cfg.lr_schedule)
     step = 0
@@ -283,6 +291,8 @@ def train(cfg, world) -> int:
         print(f"resumed from {resume_from} at step {step}")
     if world.is_main:
         truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
+    # rank 0's log.jsonl, and the same rows to --report-to's tracker
+    log = MetricLog(log_path, open_tracker(cfg.report_to, cfg.out, config_to_dict(cfg), world))
     autocast = (lambda: torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)) \
         if cfg.bf16 else contextlib.nullcontext
     guard = NonFiniteGuard(cfg.max_nonfinite)
@@ -295,7 +305,7 @@ def train(cfg, world) -> int:
                                                         world=world)}
         if not world.is_main:
             return
-        append_jsonl(log_path, row)
+        log.append(row)
         tqdm.write(f"step {step}: val NDCG@20 {row['val_ndcg@20']:.4f} R@20 {row['val_recall@20']:.4f} "
                    f"in-catalog {row['val_in_catalog']:.3f}")
 
@@ -345,7 +355,7 @@ def train(cfg, world) -> int:
                    **decode_log(rollout.decode_stats)}
             row = world.mean_metrics(row, sums=("samples_per_s",))  # global means; samples/s summed
             if world.is_main:
-                append_jsonl(log_path, row)
+                log.append(row)
         step += 1
         bar.update(1)
         bar.set_postfix(r1=f"{row['reward/rank_1']:.2f}", dcg=f"{row['reward/dcg']:.3f}",
@@ -362,6 +372,7 @@ def train(cfg, world) -> int:
               f"--max-prompt-length {cfg.max_prompt_length} ({sum(truncated.values())} tokens); "
               f"{cfg.out}/data_report.json")
     save_final_weights(world, cfg.out, model, tokenizer)
+    log.close()
     if world.is_main:
         print(f"final weights: {cfg.out}/final")
     return 0

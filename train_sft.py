@@ -4,6 +4,7 @@
     python train_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --preset paper --bf16 \\
         --train-data demos/train.jsonl --val-data demos/validation.jsonl --catalog catalog.jsonl --out runs/sft
     python train_sft.py --out runs/sft --resume           # continue exactly where a run stopped
+    python train_sft.py --lora-rank 16                    # LoRA: final/ merged weights, final/adapter/ (PEFT)
     torchrun --nproc-per-node 4 train_sft.py ... [--fsdp]   # data parallel: each GPU takes 1/4 of every batch
 
 Writes RUN/config.json, RUN/log.jsonl, RUN/checkpoints/step-*/ (HF weights + optimizer,
@@ -24,17 +25,20 @@ from tqdm import tqdm
 
 from rankgrpo.catalog import load_catalog
 from rankgrpo.checkpoint import truncate_log
-from rankgrpo.config import arg, save_config
+from rankgrpo.config import arg, config_to_dict, save_config
 from rankgrpo.data import load_examples
 from rankgrpo.distributed import (World, clip_grad_norm, grad_sync, inference_model, resume_training, run_in_world,
                                   save_final_weights, save_training_checkpoint, wrap_model)
-from rankgrpo.io import append_jsonl, atomic_write_json
+from rankgrpo.io import atomic_write_json
+from rankgrpo.lora import trainable_parameters
 from rankgrpo.losses import sft_loss
 from rankgrpo.sandbox import settings
 from rankgrpo.schedules import cosine_with_warmup
 from rankgrpo.sft_data import collate_sft, sft_logits, tokenize_sft_split
-from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths, indices_for_step,
-                              run_script, share_prompt_prefix, start_from)
+from rankgrpo.tracking import MetricLog, open_tracker
+from rankgrpo.trainer import (NonFiniteGuard, TrainerConfig, announce_prefix_sharing, check_paths,
+                              enable_gradient_checkpointing, indices_for_step, run_script, share_prompt_prefix,
+                              start_from)
 from rankgrpo.validation import validate_generation
 
 # The paper's App. C(iii), for hub models: lr 5e-5, cosine, 5% warm-up, effective batch 384 (12 x 32).
@@ -89,6 +93,9 @@ class TrainSFTConfig(TrainerConfig):
     save_every: int = arg(100, "Checkpoint every this many steps and at the end (0: off; final/ is always "
                                "written). Set by the sandbox preset.", min=0)
 
+    def validate(self) -> None:
+        self.validate_shared()
+
 
 @torch.no_grad()
 def validation_loss(model, samples, pad_id, device, batch_size, autocast, share_prefix, world: World) -> float:
@@ -126,7 +133,7 @@ def train(cfg, world) -> int:
     missing = [e.id for e in train if e.completion is None]
     if missing:
         raise SystemExit(f"error: {cfg.train_data}: {len(missing)} example(s) without 'completion', e.g. {missing[0]}")
-    resume_from, generator, tokenizer, model = start_from(cfg)
+    resume_from, generator, tokenizer, model = start_from(cfg, world)
     train_samples, train_report = tokenize_sft_split(tokenizer, train, cfg.max_length)
     val_samples, val_report = tokenize_sft_split(tokenizer, [e for e in val if e.completion is not None],
                                                  cfg.max_length)
@@ -155,10 +162,11 @@ def train(cfg, world) -> int:
                          f"evenly over {world.size} processes")
     total_steps = cfg.max_steps or cfg.epochs * (len(train_samples) // window)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     model.train()
     model = wrap_model(model, world, bf16=cfg.bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # every parameter in full fine-tuning; under LoRA only the adapters (the rest is frozen)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, total_steps, cfg.warmup_ratio))
     step = 0
@@ -170,6 +178,8 @@ def train(cfg, world) -> int:
         print(f"resumed from {resume_from} at step {step}")
     if world.is_main:
         truncate_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops rows it will redo
+    # rank 0's log.jsonl, and the same rows to --report-to's tracker
+    log = MetricLog(log_path, open_tracker(cfg.report_to, cfg.out, config_to_dict(cfg), world))
     autocast = (lambda: torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)) \
         if cfg.bf16 else contextlib.nullcontext
     guard = NonFiniteGuard(cfg.max_nonfinite)
@@ -188,7 +198,7 @@ def train(cfg, world) -> int:
                                                max_new_tokens=cfg.max_new_tokens, n_items=cfg.n_items, world=world))
         if not world.is_main:
             return
-        append_jsonl(log_path, row)
+        log.append(row)
         tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     bar = tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True, disable=not world.is_main)
@@ -222,9 +232,9 @@ def train(cfg, world) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss.item():.3f}")
         if world.is_main and cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
-            append_jsonl(log_path, {"step": step, "loss": total_loss.item(), "lr": scheduler.get_last_lr()[0],
-                                    "grad_norm": float(grad_norm), "tokens": window_tokens,
-                                    "seconds": time.perf_counter() - t0})
+            log.append({"step": step, "loss": total_loss.item(), "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm), "tokens": window_tokens,
+                        "seconds": time.perf_counter() - t0})
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             evaluate_now()
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
@@ -233,6 +243,7 @@ def train(cfg, world) -> int:
     if cfg.eval_every:
         evaluate_now()
     save_final_weights(world, cfg.out, model, tokenizer)
+    log.close()
     if world.is_main:
         print(f"final weights: {cfg.out}/final")
     return 0

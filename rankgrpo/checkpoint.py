@@ -10,6 +10,8 @@ Layout of a run directory::
                                     COMPLETE: written last
     RUN/checkpoints/latest          name of the newest complete checkpoint
     RUN/final/                      the last weights, HF format (what evaluate.py loads)
+    .../adapter/                    under --lora-rank, beside the merged weights of a checkpoint or
+                                    of final/: the adapter alone, in PEFT's layout (rankgrpo/lora.py)
 
 A checkpoint is written into a temporary sibling directory and renamed into place once
 every file is on disk, then ``latest`` is replaced atomically: a run killed during a save
@@ -73,9 +75,10 @@ def _write_dir_atomically(final: Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         write(tmp)
-        for f in tmp.iterdir():  # make sure everything is on disk before the rename
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):  # make sure everything is on disk before the rename (e.g. adapter/ too)
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -24,6 +24,8 @@ Checkpoints: rank 0 writes the HF weights (gathered from the shards under FSDP2)
 ``trainer_state.pt`` holding the optimizer state (DDP: rank 0's, every replica has the same), the
 RNG state of every rank and the world size. Under FSDP2 each rank writes its own optimizer shard,
 ``optimizer-rank{r}.pt``, into the same checkpoint. A resume needs the same world size and mode.
+Under LoRA (``--lora-rank``, DDP only) the weights written are the merged ones, with the adapter
+alone in ``adapter/`` beside them (``rankgrpo.lora``); the optimizer state is the adapters'.
 """
 from __future__ import annotations
 
@@ -297,13 +299,20 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 class _HFWeights:
     """What ``save_checkpoint`` / ``save_final`` call ``save_pretrained`` on: the HF model with
-    the full state dict (gathered from the shards under FSDP2), saved under the model's own class."""
+    the full state dict (gathered from the shards under FSDP2; merged under LoRA), saved under the
+    model's own class. Under LoRA the adapter alone goes beside the weights, into ``adapter/``."""
 
-    def __init__(self, model, state_dict):
+    def __init__(self, model, state_dict, lora: bool = False):
         self.model = unwrap(model)
         self.state_dict = state_dict
+        self.lora = lora
 
     def save_pretrained(self, path) -> None:
+        if self.lora:  # merged here, on the one process that saves, into CPU memory
+            from rankgrpo.lora import ADAPTER_DIR, merged_state_dict, save_adapter
+            self.model.save_pretrained(path, state_dict=merged_state_dict(self.model))
+            save_adapter(self.model, Path(path) / ADAPTER_DIR)
+            return
         if self.state_dict is None:
             self.model.save_pretrained(path)
             return
@@ -317,7 +326,12 @@ class _HFWeights:
 
 
 def hf_weights(model, world: World) -> _HFWeights:
-    """Collective under FSDP2 (every rank must call it); rank 0 then saves the result."""
+    """Collective under FSDP2 (every rank must call it); rank 0 then saves the result. Under LoRA
+    (never with FSDP2): the merged weights under the base model's names, and the adapter."""
+    from rankgrpo.lora import lora_layers
+
+    if lora_layers(unwrap(model)):
+        return _HFWeights(model, None, lora=True)
     if world.mode != "fsdp":
         return _HFWeights(model, None)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

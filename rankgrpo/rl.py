@@ -35,6 +35,7 @@ from rankgrpo.metrics import in_catalog_ratio
 from rankgrpo.parsing import parse_recommendations
 from rankgrpo.rewards import causal_returns, rank_relevance, sequence_dcg
 from rankgrpo.logprobs import token_logprobs
+from rankgrpo.lora import adapters_off
 from rankgrpo.sampling import Rollout
 from rankgrpo.segment import decode_completion, token_ranks
 from rankgrpo.trainer import share_prompt_prefix
@@ -209,6 +210,10 @@ def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
     ``constraint``: the ``CatalogConstraint`` ``rollout`` was sampled under (one exclusion set per
     prompt of ``rollout``, i.e. of this rank's prompts under data parallelism), or None.
 
+    ``reference``: the frozen starting model of the KL term, or None (beta = 0). Under LoRA it is the
+    policy itself: its passes here run with the adapters off (``rankgrpo.lora.adapters_off``), which
+    is the starting model exactly.
+
     Under data parallelism ``rollout`` holds this rank's whole groups and the loss denominator is
     summed over ranks, so every rank divides by the global B * N (rank_mean) or token count
     (``micro_batch_denominators``; micro_token_mean divides each micro-batch by its own count)."""
@@ -231,7 +236,7 @@ def prepare_batch(rollout: Rollout, examples: Sequence, tokenizer, catalog: Cata
     constraints = [] if constraint is None else [constraint.for_rows(rollout.prompt_index[rows]) for rows in micro]
     ref_logp: list[torch.Tensor | None] = [None] * len(micro)
     if reference is not None:
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(), adapters_off(reference):
             for j, rows in enumerate(micro):
                 ids, attn, start = rollout.model_inputs(rows)
                 ref_logp[j] = token_logprobs(reference, ids.to(dev), attn.to(dev), start, cfg.temperature,

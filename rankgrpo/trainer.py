@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from rankgrpo.config import ConfigError, arg, flag_name, run_cli
+from rankgrpo.lora import DEFAULT_TARGETS, LoRAError, LoRASettings
+from rankgrpo.tracking import TRACKERS, check_tracker_installed
 
 
 @dataclass
@@ -35,6 +37,40 @@ class TrainerConfig:
                                  "name ('chatml') or a Jinja file. Saved with the checkpoints.")
     fsdp: bool = arg(False, "Under torchrun: shard parameters, gradients and optimizer state over the processes "
                             "(FSDP2) instead of replicating the model on each (DDP).")
+    lora_rank: int = arg(0, "LoRA rank r (rankgrpo/lora.py): train h = W x + (alpha / r) B A x on the "
+                            "--lora-targets layers with every base weight frozen; the KL reference is the policy "
+                            "with its adapters off. final/ holds the merged weights and final/adapter/ the "
+                            "adapter alone (PEFT's layout). 0: full fine-tuning.", min=0)
+    lora_alpha: float = arg(16.0, "LoRA alpha: the update B A x is scaled by alpha / r.", above=0)
+    lora_dropout: float = arg(0.0, "LoRA: dropout on the adapter's input x while training (0: none; in RL it "
+                                   "makes the training forward pass differ from the policy that sampled).",
+                              min=0)
+    lora_targets: list[str] = arg(list(DEFAULT_TARGETS), "LoRA: the layers to adapt, as module names or dotted "
+                                                          "path suffixes (PEFT's target_modules rule).")
+    report_to: str = arg("none", "Also send every row of RUN/log.jsonl to an experiment tracker (rank 0 only; "
+                                 "the JSONL stays the record): tensorboard (RUN/tensorboard/, pip install "
+                                 "'rankgrpo[tensorboard]') or wandb (pip install 'rankgrpo[wandb]'; "
+                                 "WANDB_MODE=offline works without an account).",
+                         choices=list(TRACKERS))
+
+    def validate_shared(self) -> None:
+        """Checks of the shared fields (each script's ``validate`` calls it after its preset)."""
+        if self.lora_rank:
+            if self.fsdp:
+                raise ConfigError("--lora-rank with --fsdp: LoRA trains a few adapter weights beside a frozen "
+                                  "model that DDP replicates cheaply; sharding it is not supported, drop --fsdp")
+            if not self.lora_dropout < 1:
+                raise ConfigError(f"--lora-dropout must be < 1, got {self.lora_dropout}")
+            if not self.lora_targets:
+                raise ConfigError("--lora-targets names no module")
+        check_tracker_installed(self.report_to)
+
+    def lora_settings(self) -> LoRASettings | None:
+        """The LoRA settings of this run (None: full fine-tuning)."""
+        if not self.lora_rank:
+            return None
+        return LoRASettings(self.lora_rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets),
+                            str(self.model))
 
 
 def indices_for_step(step: int, n: int, per_step: int, seed: int) -> list[int]:
@@ -155,17 +191,46 @@ def run_script(config_cls, run, argv=None) -> int:
     return run_cli(config_cls, run, argv)
 
 
-def start_from(cfg):
+def start_from(cfg, world=None):
     """Seed everything and load the policy to train: the newest checkpoint of ``cfg.out`` with
-    ``--resume``, else ``cfg.model``. Returns (resume_from or None, sampler generator, tokenizer, model)."""
+    ``--resume``, else ``cfg.model``. Under LoRA the frozen base is always ``cfg.model``, adapters
+    are added (``rankgrpo.lora.add_lora``) and a resume reloads them from the checkpoint's
+    ``adapter/``. Returns (resume_from or None, sampler generator, tokenizer, model)."""
     from rankgrpo.checkpoint import latest_checkpoint, seed_everything
+    from rankgrpo.lora import ADAPTER_DIR, add_lora, describe, load_adapter
 
     resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         print(f"--resume: no checkpoint in {cfg.out}; starting from {cfg.model}", file=sys.stderr)
-    source = str(resume_from or cfg.model)
-    flag = "--resume" if resume_from else "--model"
+    lora = cfg.lora_settings()
+    if resume_from is not None and (resume_from / ADAPTER_DIR).is_dir() != (lora is not None):
+        written = "with" if lora is None else "without"
+        raise ConfigError(f"--resume: {resume_from} was written {written} --lora-rank; resume it the same way "
+                          f"(or start a new run from its merged weights with --model {resume_from})")
+    source = str(resume_from if resume_from and lora is None else cfg.model)
+    flag = "--resume" if resume_from and lora is None else "--model"
     check_model_source(flag, source)
     generator = seed_everything(cfg.seed)
     tokenizer, model = load_for_cli(flag, source, cfg.chat_template, device=cfg.device)
+    if lora is not None:
+        try:
+            add_lora(model, lora, seed=cfg.seed)
+            if resume_from:
+                load_adapter(model, resume_from / ADAPTER_DIR)
+        except LoRAError as e:
+            raise ConfigError(str(e)) from None
+        if world is None or world.is_main:
+            print(describe(model))
     return resume_from, generator, tokenizer, model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """--gradient-checkpointing. Under LoRA the embeddings are frozen, so the checkpointed blocks'
+    inputs would not require grad and (with reentrant checkpointing, transformers' default before
+    v5) no gradient would reach the adapters inside them: the embedding output is marked to
+    require grad, as PEFT does."""
+    from rankgrpo.lora import lora_layers
+
+    model.gradient_checkpointing_enable()
+    if lora_layers(model):
+        model.enable_input_require_grads()

@@ -51,6 +51,9 @@ SIZES = {
                          "--num-kv-heads", "1", "--intermediate-size", "64", "--pretrain-steps", "2",
                          "--pretrain-batch-size", "2", "--pretrain-seq-len", "64",
                          "--pretrain-chat-questions", "8", "--no-calibrate"],
+    "benchmarks/bench_lora_memory.py": ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+                                        "--intermediate", "64", "--vocab", "256", "--rows", "2", "--prompt", "8",
+                                        "--seq", "8", "--rank", "4", "--steps", "1"],
     "benchmarks/bench_constraint.py": ["--builds", "1", "--check-lists", "4", "--prompts", "2", "--group", "1",
                                        "--new-tokens", "8", "--repeats", "1", "--hidden", "32", "--layers", "1"],
 }
@@ -74,6 +77,8 @@ EXEMPT = [
      "--tiny runs the same path here (tests/integration/test_gpu_check.py)"),
     (r"^python benchmarks/gpu_check\.py --tiny", "about a minute", "tests/integration/test_gpu_check.py runs it"),
     (r"^torchrun --nnodes 2 ", "needs two machines", "the one-node torchrun commands run here"),
+    (r"--report-to wandb", "needs a wandb account, or WANDB_MODE=offline, which the export before it sets and "
+     "this test does not", "tests/integration/test_tracking.py runs it offline"),
     (r"--catalog \"\$RANKGRPO_REDDIT_CATALOG\" --tokenizer", "needs a real tokenizer and the authors' "
                                                                "catalog", "make test-real"),
 ]

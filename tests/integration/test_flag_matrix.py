@@ -51,6 +51,8 @@ def assert_trained(run_dir, steps: int = 1) -> None:
     values = losses(run_dir)
     assert len(values) >= steps and all(math.isfinite(v) for v in values), values
     assert (Path(run_dir) / "final" / "model.safetensors").is_file()
+    lora = json.loads((Path(run_dir) / "config.json").read_text())["lora_rank"] > 0
+    assert (Path(run_dir) / "final" / "adapter" / "adapter_model.safetensors").is_file() == lora
 
 
 # (id, flags) of the documented combinations that must run, for both trainers
@@ -60,6 +62,10 @@ SHARED = [
     ("checkpointing-no-share", ["--gradient-checkpointing", "--no-share-prompt-prefix"]),
     ("bf16-cpu-autocast", ["--bf16"]),
     ("paper-bf16-checkpointing", ["--preset", "paper", "--bf16", "--gradient-checkpointing"]),
+    ("lora", ["--lora-rank", "8"]),
+    ("lora-checkpointing", ["--lora-rank", "8", "--gradient-checkpointing"]),
+    ("lora-bf16-targets-dropout", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--bf16",
+                                   "--lora-targets", "q_proj", "v_proj"]),
 ]
 RL_ONLY = [
     ("constrained-mu2", ["--constrained", "--mu", "2"]),
@@ -71,6 +77,9 @@ RL_ONLY = [
     ("objective-authors", ["--objective", "authors"]),                  # all seven of the authors' rules
     ("objective-authors-gspo-mu2", ["--objective", "authors", "--algo", "gspo", "--mu", "2"]),
     ("objective-authors-one-rule-off", ["--objective", "authors", "--overflow-ratio", "per_line"]),
+    ("lora-constrained-mu2", ["--lora-rank", "8", "--constrained", "--mu", "2"]),
+    ("lora-compile", ["--lora-rank", "8", "--compile"]),
+    ("lora-grpo-no-kl", ["--lora-rank", "8", "--algo", "grpo", "--beta", "0"]),
 ]
 # (id, script, flags, the one line's pattern): combinations that cannot work are refused, not crashed
 REFUSED = [
@@ -79,6 +88,12 @@ REFUSED = [
     ("rl-fsdp-compile", "train_rankgrpo.py", ["--fsdp", "--compile"], r"--compile with --fsdp"),
     ("rl-fsdp-single-process", "train_rankgrpo.py", ["--fsdp"], r"start the script with torchrun"),
     ("sft-fsdp-single-process", "train_sft.py", ["--fsdp"], r"start the script with torchrun"),
+    ("sft-lora-fsdp", "train_sft.py", ["--lora-rank", "8", "--fsdp"], r"--lora-rank with --fsdp"),
+    ("rl-lora-fsdp", "train_rankgrpo.py", ["--lora-rank", "8", "--fsdp"], r"--lora-rank with --fsdp"),
+    ("sft-lora-unknown-target", "train_sft.py", ["--lora-rank", "8", "--lora-targets", "qkv"],
+     r"--lora-targets qkv: no module of Qwen2ForCausalLM is named so"),
+    ("rl-lora-dropout-one", "train_rankgrpo.py", ["--lora-rank", "8", "--lora-dropout", "1"],
+     r"--lora-dropout must be < 1"),
 ]
 
 
@@ -139,9 +154,10 @@ def torchrun(script: str, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", [[], ["--fsdp"], ["--lora-rank", "8"]], ids=["ddp", "fsdp", "ddp-lora"])
 def test_torchrun_both_trainers_bf16_checkpointing(world, base, tmp_path, mode):  # noqa: F811
-    """The README's multi-GPU command on two CPU processes: --bf16 --gradient-checkpointing, DDP or FSDP2."""
+    """The README's multi-GPU command on two CPU processes: --bf16 --gradient-checkpointing, DDP or FSDP2,
+    and DDP with LoRA."""
     flags = ["--bf16", "--gradient-checkpointing", *mode]
     res = torchrun("train_sft.py", *sft_one_step(world, tmp_path / "sft", *flags))
     assert res.returncode == 0, res.stderr[-3000:]
