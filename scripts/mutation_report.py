@@ -33,6 +33,8 @@ MUTANTS = ROOT / "mutants"
 KILLED_CODES = {1, 3}
 SURVIVED_CODES = {0}
 TIMEOUT_CODES = {36, -24, 24, 152, 255}
+OTHER_STATUS = {None: "not checked", 5: "no tests", 33: "no tests", 2: "interrupted", 34: "skipped",
+                -11: "segfault", -9: "segfault"}
 
 
 def classify(exit_code) -> str:
@@ -42,7 +44,7 @@ def classify(exit_code) -> str:
         return "survived"
     if exit_code in TIMEOUT_CODES:
         return "timeout"
-    return "other"  # not checked (None), no tests (33, 5), suspicious, segfault, interrupted
+    return "other"  # not checked, no tests, suspicious, segfault, interrupted
 
 
 def module_counts(module: str, mutants_dir: Path = MUTANTS) -> tuple[Counter, list[tuple[str, str]]]:
@@ -54,7 +56,7 @@ def module_counts(module: str, mutants_dir: Path = MUTANTS) -> tuple[Counter, li
         column = classify(code)
         counts[column] += 1
         if column in ("survived", "other"):
-            missed.append((name, column if code is not None else "not checked"))
+            missed.append((name, column if column == "survived" else OTHER_STATUS.get(code, "suspicious")))
     counts["mutants"] = len(meta["exit_code_by_key"])
     return counts, missed
 
