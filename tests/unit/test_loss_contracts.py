@@ -241,7 +241,10 @@ def test_sft_metrics_by_hand():
     loss, m = sft_loss(logits, labels, ids)
     nll = -(math.log(0.5) + math.log(0.25) + math.log(0.8)) / 3
     assert m == pytest.approx({"loss": nll, "nll": nll, "accuracy": 2 / 3, "n_tokens": 3.0}, rel=1e-6)
-    # one target: its own NLL and accuracy
+    # one target each: its own NLL and accuracy
+    loss, m = sft_loss(logits, torch.tensor([[0, 1, 0, 0]]), ids)
+    assert m == pytest.approx({"loss": -math.log(0.5), "nll": -math.log(0.5), "accuracy": 1.0, "n_tokens": 1.0},
+                              rel=1e-6)
     loss, m = sft_loss(logits, torch.tensor([[0, 0, 1, 0]]), ids)
     assert m == pytest.approx({"loss": -math.log(0.25), "nll": -math.log(0.25), "accuracy": 0.0, "n_tokens": 1.0},
                               rel=1e-6)
@@ -262,6 +265,8 @@ def test_sft_shape_errors_name_the_shapes():
         sft_loss(logits, labels[:, :3], ids)
     with pytest.raises(ValueError, match=r"expected; got \(4, 3\), \(1, 4\), \(1, 4\)"):
         sft_loss(logits[0], labels, ids)
+    with pytest.raises(ValueError, match=r"expected; got \(1, 4, 3, 1\), \(1, 4\), \(1, 4\)"):   # [B, T] first, yet 4-D
+        sft_loss(logits.unsqueeze(-1), labels, ids)
     with pytest.raises(ValueError, match=r"^labels_mask\[:, 0\] must be 0: no logit predicts the first token$"):
         sft_loss(logits, torch.ones(1, 4), ids)
 
