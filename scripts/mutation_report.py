@@ -47,12 +47,18 @@ def classify(exit_code) -> str:
     return "other"  # not checked, no tests, suspicious, segfault, interrupted
 
 
+def mutant_order(name: str) -> tuple[str, int]:
+    """rankgrpo.losses.x_sft_loss__mutmut_12 -> ("rankgrpo.losses.x_sft_loss", 12): numbered mutants in order."""
+    function, _, number = name.rpartition("__mutmut_")
+    return function, int(number) if number.isdigit() else 0
+
+
 def module_counts(module: str, mutants_dir: Path = MUTANTS) -> tuple[Counter, list[tuple[str, str]]]:
     """(counts by column, [(mutant name, column)] of the mutants not killed) from mutmut's .meta file."""
     meta = json.loads((mutants_dir / "rankgrpo" / f"{module}.py.meta").read_text())
     counts: Counter = Counter()
     missed = []
-    for name, code in sorted(meta["exit_code_by_key"].items()):
+    for name, code in sorted(meta["exit_code_by_key"].items(), key=lambda kv: mutant_order(kv[0])):
         column = classify(code)
         counts[column] += 1
         if column in ("survived", "other"):
