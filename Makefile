@@ -11,7 +11,7 @@
 #                     allows: each install_requires floor pinned by scripts/min_constraints.py
 #   make mutation   - opt-in, not part of `make test`: the mutation score (mutmut, the `dev` extra) of
 #                     losses, rewards, segment, parsing and metrics against the unit tests, one module at
-#                     a time at low priority (~25 min on 2 cores); MUTATION_ARGS="losses --keep" narrows it
+#                     a time at low priority (13 min on 2 cores); MUTATION_ARGS="losses --keep" narrows it
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
