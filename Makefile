@@ -9,6 +9,9 @@
 #                     RANKGRPO_REDDIT_SAMPLE and RANKGRPO_REDDIT_CATALOG. Not part of `make test`.
 #   make test-min   - the unit and component tiers in .venv-min, on the lowest versions setup.cfg
 #                     allows: each install_requires floor pinned by scripts/min_constraints.py
+#   make mutation   - opt-in, not part of `make test`: the mutation score (mutmut, the `dev` extra) of
+#                     losses, rewards, segment, parsing and metrics against the unit tests, one module at
+#                     a time at low priority (13 min on 2 cores); MUTATION_ARGS="losses --keep" narrows it
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -25,7 +28,7 @@ MIN_PY   := $(MIN_VENV)/bin/python
 # test-min's selection: the tests that run no script end to end and need no extra processes, assets or GPU
 MIN_TESTS := tests/unit tests/components -m "not slow and not real and not cuda"
 
-.PHONY: venv test test-fast demo test-real test-min clean
+.PHONY: venv test test-fast demo test-real test-min mutation clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,5 +76,13 @@ test-min: $(MIN_VENV)/.installed
 	$(MIN_PY) -m pip list 2>/dev/null | grep -iE '^(torch|transformers|numpy|tqdm) '
 	$(MIN_PY) -m pytest -q $(MIN_TESTS)
 
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# mutants/ is mutmut's copy of the project; the table is printed at the end (docs/testing.md)
+mutation: $(VENV)/.installed-dev
+	nice -n 10 $(PY) scripts/mutation_report.py $(MUTATION_ARGS)
+
 clean:
-	rm -rf $(VENV) $(REAL_VENV) $(MIN_VENV) .pytest_cache
+	rm -rf $(VENV) $(REAL_VENV) $(MIN_VENV) .pytest_cache mutants

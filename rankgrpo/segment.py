@@ -205,7 +205,8 @@ def _special_ids(tokenizer) -> list[int]:
 def _decode_vocabulary(tokenizer) -> list[str]:
     """Each token id decoded on its own (special tokens give "")."""
     return tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True,
-                                  clean_up_tokenization_spaces=False)
+                                  clean_up_tokenization_spaces=False,  # pragma: no mutate (keeps every "\n" and U+FFFD)
+                                  )
 
 
 def _newline_counts(texts: list[str], tokenizer) -> torch.Tensor:
