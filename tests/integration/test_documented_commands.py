@@ -64,6 +64,8 @@ HUB_MODELS = re.compile(r"^(Qwen|meta-llama|HuggingFaceTB)/[\w.-]+$")
 EXEMPT = [
     (r"^make (test|test-min|test-fast|test-real)$", "the test runners themselves",
      "CI runs make test and make test-min; make test-real is opt-in"),
+    (r"^make mutation\b", "13 minutes of CPU (mutmut on the five core modules)",
+     "opt-in, not part of make test; scripts/mutation_report.py's score table"),
     (r"^make demo$", "15 minutes of CPU", "each of its stages is one of the four scripts run here; the README "
                                          "names the command and time of the run that made its table"),
     (r"^pip install ", "changes the environment", "the Makefile installs every extra the tests use"),
