@@ -121,6 +121,9 @@ def main(argv=None) -> int:
 
     rows, missed = {}, {}
     for module in modules:
+        if not (MUTANTS / "rankgrpo" / f"{module}.py.meta").is_file():
+            print(f"error: {MUTANTS}: no mutmut results for {module}.py; run make mutation first", file=sys.stderr)
+            return 2
         rows[module], missed[module] = module_counts(module)
     print(table(rows))
     for module in modules:
