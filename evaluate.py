@@ -40,7 +40,7 @@ from pathlib import Path
 from rankgrpo.catalog import CatalogError, load_catalog
 from rankgrpo.config import ConfigError, arg, run_cli
 from rankgrpo.data import DataError, load_examples
-from rankgrpo.evaluation import load_predictions, score_examples
+from rankgrpo.evaluation import load_predictions, prompt_clusters, score_examples
 from rankgrpo.io import atomic_write_json, atomic_write_jsonl, read_jsonl_tolerant
 from rankgrpo.metrics import format_table, paired_difference
 from rankgrpo.sandbox import settings
@@ -147,12 +147,13 @@ def compare(cfg: EvaluateConfig) -> int:
     names = list(rows)
     pairs = [(a, b) for b, a in zip(names, names[1:]) if a in per_example and b in per_example]
     if pairs:
-        print("paired differences on the same examples (each row minus the row above; mean ±standard error, "
-              "in standard errors):")
+        print("paired differences on the same examples (each row minus the row above; mean ±standard error "
+              "clustered by prompt, in standard errors):")
         for a, b in pairs:
             cells = []
+            clusters = prompt_clusters(per_example[a], per_example[b])
             for k in (5, 20):
-                d = paired_difference(per_example[a], per_example[b], f"ndcg@{k}")
+                d = paired_difference(per_example[a], per_example[b], f"ndcg@{k}", clusters=clusters)
                 cells.append(f"N@{k} {d['mean']:+.4f} ±{d['stderr']:.4f} ({d['z']:+.1f} SE)")
             print(f"  {a} − {b}: " + ", ".join(cells))
     if cfg.plot:

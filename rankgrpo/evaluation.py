@@ -4,8 +4,9 @@ The scoring half of ``evaluate.py``; generation from a checkpoint lives in the s
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from rankgrpo.catalog import Catalog
 from rankgrpo.data import DataError, Example
@@ -55,7 +56,8 @@ def load_predictions(path: str | Path, examples: Sequence[Example]) -> list[str]
 def score_examples(examples: Sequence[Example], completions: Sequence[str], catalog: Catalog, *,
                    ks: Sequence[int] = KS, positions: str = "shift", protocol: str = "paper",
                    year_tolerance: int = 2, n_items: int = 20) -> tuple[dict, list[dict]]:
-    """Parse and score every completion once. Returns (aggregate, per-example rows).
+    """Parse and score every completion once. Returns (aggregate, per-example rows); the aggregate's
+    standard errors are clustered by prompt (``prompt_key``): repeated prompts are not independent.
 
     protocol="paper" (default): the authors' ``evaluate_direct_match`` and in-catalog ratio
     (``libs/metrics.py``, ``evaluate/``); "lenient": the reward's matching with the textbook IDCG
@@ -67,5 +69,26 @@ def score_examples(examples: Sequence[Example], completions: Sequence[str], cata
         items = parse_recommendations(comp)
         row = score_completion(items, ex.groundtruth, ex.seen_titles, catalog, ks=ks, positions=positions,
                                protocol=protocol, year_tolerance=year_tolerance, n_items=n_items)
-        rows.append({"id": ex.id, "completion": comp, **row})
-    return aggregate([{k: v for k, v in r.items() if k not in ("id", "completion")} for r in rows]), rows
+        rows.append({"id": ex.id, "prompt": prompt_key(ex), "completion": comp, **row})
+    metrics = [{k: v for k, v in r.items() if k not in ROW_KEYS} for r in rows]
+    return aggregate(metrics, clusters=[r["prompt"] for r in rows]), rows
+
+
+# the per-example row's fields that are not metrics
+ROW_KEYS = ("id", "prompt", "completion")
+
+
+def prompt_key(example: Example) -> str:
+    """A short key of the example's prompt (16 hex digits of its SHA-1): rows with the same key ask
+    the same question, so their scores are one cluster (``rankgrpo.stats.clustered_mean_and_stderr``)."""
+    return hashlib.sha1(example.prompt_text.encode("utf-8")).hexdigest()[:16]
+
+
+def prompt_clusters(*per_example: Mapping[str, Mapping]) -> dict[str, str]:
+    """{example id: prompt key} from the rows of one or more evaluations ({id: row}); a row written
+    before rows carried the key is its own cluster (its id)."""
+    out: dict[str, str] = {}
+    for rows in per_example:
+        for i, row in rows.items():
+            out.setdefault(i, row.get("prompt", f"id:{i}"))
+    return out

@@ -67,6 +67,7 @@ import numpy as np
 
 from rankgrpo.catalog import Catalog, normalize_title, year_offsets
 from rankgrpo.parsing import Item
+from rankgrpo.stats import clustered_mean_and_stderr, mean_and_stderr, paired_difference  # noqa: F401  (public here since v1)
 
 KS = (5, 10, 15, 20)
 PROTOCOLS = ("paper", "lenient")
@@ -255,39 +256,21 @@ def score_completion(items: Sequence[Item], groundtruth, seen_titles, catalog: C
     return out
 
 
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error (sample std / sqrt(n)); stderr 0 for fewer than 2 values."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) == 0:
-        return 0.0, 0.0
-    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
-    return float(v.mean()), se
-
-
-def paired_difference(a: dict[str, dict], b: dict[str, dict], metric: str) -> dict:
-    """Paired difference a − b of a per-example metric over the examples both score.
-
-    a, b: {example id: score row}. Returns {"mean", "stderr" (of the mean difference), "z" (mean /
-    stderr, 0 when stderr is 0), "n"}. Pairing removes the conversations' own difficulty, so the
-    standard error is far smaller than either run's. Example: a = {x: 0.5, y: 0.2, z: 0.3},
-    b = {x: 0.1, y: 0.2, z: 0.0} give differences 0.4, 0.0, 0.3: mean 0.2333, stderr 0.1202, z 1.94.
-    """
-    ids = sorted(set(a) & set(b))
-    m, se = mean_and_stderr([a[i][metric] - b[i][metric] for i in ids])
-    return {"mean": m, "stderr": se, "z": m / se if se > 0 else 0.0, "n": len(ids)}
-
-
-def aggregate(per_example: Sequence[dict]) -> dict:
+def aggregate(per_example: Sequence[dict], clusters: Sequence | None = None) -> dict:
     """Mean and standard error over examples of every scalar metric; the per-rank hit curve as a list.
 
-    Returns {name: {"mean": m, "stderr": s}, ..., "rank_hit_rate": [N floats], "n_examples": n}.
+    clusters: [n] keys, one per example (e.g. its prompt), for standard errors clustered by key
+    (``rankgrpo.stats.clustered_mean_and_stderr``); None: examples are independent.
+    Returns {name: {"mean": m, "stderr": s}, ..., "rank_hit_rate": [N floats], "n_examples": n,
+    "n_clusters": G}.
     """
     if not per_example:
         return {"n_examples": 0}
-    out: dict = {"n_examples": len(per_example)}
+    keys = list(range(len(per_example))) if clusters is None else list(clusters)
+    out: dict = {"n_examples": len(per_example), "n_clusters": len(set(keys))}
     for name, value in per_example[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            m, se = mean_and_stderr([row[name] for row in per_example])
+            m, se, _ = clustered_mean_and_stderr([row[name] for row in per_example], keys)
             out[name] = {"mean": m, "stderr": se}
     if "rank_hits" in per_example[0]:
         out["rank_hit_rate"] = np.mean([row["rank_hits"] for row in per_example], axis=0).tolist()

@@ -131,10 +131,20 @@ def test_aggregate_by_hand():
             {"recall@5": 0.0, "n_items": 5, "exact": False, "id": "b", "rank_hits": [1, 1]}]
     # recall: mean 0.5, sample std sqrt(0.5), stderr sqrt(0.5)/sqrt(2) = 0.5; n_items: mean 4, stderr 1;
     # booleans and strings are not averaged; the hit curve is averaged per rank
-    assert aggregate(rows) == {"n_examples": 2, "recall@5": {"mean": 0.5, "stderr": pytest.approx(0.5)},
+    assert aggregate(rows) == {"n_examples": 2, "n_clusters": 2,
+                               "recall@5": {"mean": 0.5, "stderr": pytest.approx(0.5)},
                                "n_items": {"mean": 4.0, "stderr": pytest.approx(1.0)},
                                "rank_hit_rate": [1.0, 0.5]}
     assert "rank_hit_rate" not in aggregate([{"recall@5": 1.0}])
+
+
+def test_aggregate_clusters_its_standard_errors():
+    rows = [{"m": 1.0}, {"m": 3.0}, {"m": 2.0}, {"m": 6.0}]
+    # rows 1 and 2 share a prompt: cluster sums -2, -1, 3 -> stderr^2 = 3/2 * 14 / 16 (rankgrpo.stats)
+    out = aggregate(rows, clusters=["p", "p", "q", "r"])
+    assert out["n_clusters"] == 3 and out["m"]["mean"] == 3.0
+    assert out["m"]["stderr"] == pytest.approx((1.5 * 14 / 16) ** 0.5, abs=1e-15)
+    assert aggregate(rows)["m"]["stderr"] == pytest.approx((14 / 3 / 4) ** 0.5, abs=1e-15)
 
 
 def test_format_table_by_hand():

@@ -228,4 +228,4 @@ def test_paired_difference_by_hand():
     sd = ((0.4 - 0.7 / 3) ** 2 + (0.7 / 3) ** 2 + (0.3 - 0.7 / 3) ** 2) ** 0.5 / 2 ** 0.5
     assert d["n"] == 3 and abs(d["mean"] - 0.7 / 3) < 1e-12
     assert abs(d["stderr"] - sd / 3 ** 0.5) < 1e-12 and abs(d["z"] - d["mean"] / d["stderr"]) < 1e-12
-    assert paired_difference(b, b, "m") == {"mean": 0.0, "stderr": 0.0, "z": 0.0, "n": 3}
+    assert paired_difference(b, b, "m") == {"mean": 0.0, "stderr": 0.0, "z": 0.0, "n": 3, "n_clusters": 3}
