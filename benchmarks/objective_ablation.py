@@ -12,13 +12,15 @@ at the first seed, then both objectives at every seed of ``--seeds``; scores eac
 checkpoint with evaluate.py on the test split; and prints NDCG@20 differences against the
 arm's base (``paper``, or GRPO under ``paper``), paired over the test conversations
 (``evaluate.py --compare`` prints each pair; the summary uses the same
-``rankgrpo.metrics.paired_difference``), then the authors-minus-paper difference over seeds.
+``rankgrpo.stats.paired_difference``, standard errors clustered by prompt), then the
+authors-minus-paper difference at every seed and its seed-level t test (``rankgrpo.stats.seed_level_t``).
 
     python benchmarks/objective_ablation.py --sft runs/sft/final              # the sandbox, preset sizes
     python benchmarks/objective_ablation.py --sft runs/sft/final --quick      # tiny sizes: a smoke run
     python benchmarks/objective_ablation.py --sft CKPT --data train.jsonl --val-data validation.jsonl \\
         --catalog catalog.jsonl --test-data test.jsonl --train-args "--preset paper --bf16" \\
         --eval-args "--dtype bfloat16" --launcher "torchrun --nproc-per-node 4"
+    python benchmarks/objective_ablation.py --sft runs/sft/final --jobs 2     # two 1-thread runs at once
 
 Every arm differs from its base by its flags only: the same SFT start, seed, prompts and sizes.
 Finished runs (RUN/final) and evaluations (results.json) are skipped on a rerun, so an
@@ -26,6 +28,7 @@ interrupted ablation continues where it stopped. OUT/summary.json holds every di
 """
 from __future__ import annotations
 
+import json
 import importlib.util
 import shlex
 import subprocess
@@ -35,8 +38,10 @@ from pathlib import Path
 
 from rankgrpo.config import arg, flag_name, run_cli
 from rankgrpo.io import atomic_write_json, read_jsonl_tolerant
-from rankgrpo.metrics import mean_and_stderr, paired_difference
+from rankgrpo.evaluation import prompt_clusters
 from rankgrpo.rl import OBJECTIVES
+from rankgrpo.stats import paired_difference, seed_level_t
+from rankgrpo.task_runner import Task, run_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,13 +66,17 @@ class ObjectiveAblationConfig:
     train_args: str = arg("", "Extra flags for every train_rankgrpo.py run (e.g. '--preset paper --bf16').")
     eval_args: str = arg("", "Extra flags for every evaluate.py run (e.g. '--dtype bfloat16').")
     launcher: str = arg("", "Start each run with this command (e.g. 'torchrun --nproc-per-node 4'); empty: "
-                            "run the scripts inside this process.")
+                            "this Python.")
+    jobs: int = arg(1, "Runs at once, each a subprocess with cpu_count // jobs torch threads "
+                       "(rankgrpo.task_runner); 1 without --launcher: one after another inside this process.")
     quick: bool = arg(False, "Tiny sizes (one RL step, a few test conversations): checks the plumbing only.")
     dry_run: bool = arg(False, "Print the commands and stop.")
 
     def validate(self) -> None:
         if not self.seeds:
             raise SystemExit("error: --seeds needs at least one seed")
+        if self.jobs < 1:
+            raise SystemExit("error: --jobs must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -157,8 +166,14 @@ def per_example(cfg: ObjectiveAblationConfig, name: str) -> dict[str, dict]:
     return {r["id"]: r for r in read_jsonl_tolerant(eval_dir(cfg, name) / "examples.jsonl")}
 
 
+def paired(cfg: ObjectiveAblationConfig, name: str, base: str) -> dict:
+    """NDCG@20 of ``name`` − ``base`` over the test conversations, SE clustered by prompt."""
+    a, b = per_example(cfg, name), per_example(cfg, base)
+    return paired_difference(a, b, METRIC, clusters=prompt_clusters(a, b))
+
+
 def summarise(cfg: ObjectiveAblationConfig) -> dict:
-    """NDCG@20 of every run and its paired difference against its base; authors - paper over seeds."""
+    """NDCG@20 of every run and its paired difference against its base; authors − paper over seeds."""
     seed0 = cfg.seeds[0]
     rows = {}
     print(f"\n== each arm at seed {seed0} against its base (evaluate.py --compare) ==")
@@ -167,28 +182,32 @@ def summarise(cfg: ObjectiveAblationConfig) -> dict:
             continue
         name, base = run_name(a.name, seed0), run_name(a.base, seed0)
         script_main("evaluate.py")(["--compare", str(eval_dir(cfg, base)), str(eval_dir(cfg, name))])
-        d = paired_difference(per_example(cfg, name), per_example(cfg, base), METRIC)
-        rows[a.name] = {"base": a.base, "flags": list(a.flags), **d}
-    per_seed = {}
-    for seed in cfg.seeds:
-        per_seed[seed] = paired_difference(per_example(cfg, run_name("authors", seed)),
-                                           per_example(cfg, run_name("paper", seed)), METRIC)
-    mean, se = mean_and_stderr([d["mean"] for d in per_seed.values()])
-    summary = {"metric": METRIC, "seed": seed0, "arms": rows,
-               "authors_minus_paper": {"per_seed": per_seed, "mean": mean, "stderr_over_seeds": se}}
+        rows[a.name] = {"base": a.base, "flags": list(a.flags), **paired(cfg, name, base)}
+    per_seed = {seed: paired(cfg, run_name("authors", seed), run_name("paper", seed)) for seed in cfg.seeds}
+    levels = {a.name: json_results(cfg, run_name(a.name, seed0))[METRIC]["mean"] for a in arms()}
+    across = seed_level_t([d["mean"] for d in per_seed.values()])
+    summary = {"metric": METRIC, "seed": seed0, "levels": levels, "arms": rows,
+               "authors_minus_paper": {"per_seed": per_seed, "seed_level": across}}
 
-    print(f"\n== {METRIC.upper()} differences against the base, paired over the test conversations ==")
+    print(f"\n== {METRIC.upper()} differences against the base, paired over the test conversations "
+          f"(SE clustered by prompt) ==")
     width = max(len(n) for n in rows)
     for n, d in rows.items():
         print(f"  {n.ljust(width)}  − {d['base']:<10}  {d['mean']:+.4f} ±{d['stderr']:.4f}  "
-              f"({d['z']:+.1f} SE, n={d['n']})")
+              f"({d['z']:+.1f} SE, n={d['n']}, {d['n_clusters']} prompts)")
     print(f"\n== authors − paper over {len(cfg.seeds)} seed(s) ==")
     for seed, d in per_seed.items():
-        print(f"  seed {seed}: {d['mean']:+.4f} ±{d['stderr']:.4f} (paired SE, n={d['n']})")
-    print(f"  mean over seeds: {mean:+.4f} ±{se:.4f} (standard error over seeds)")
+        print(f"  seed {seed}: {d['mean']:+.4f} ±{d['stderr']:.4f} ({d['z']:+.1f} SE, paired, clustered)")
+    if across["t"] is not None:
+        print(f"  seed level: mean {across['mean']:+.4f} ±{across['stderr']:.4f} over seeds, "
+              f"t = {across['t']:+.2f} on {across['df']} df, p = {across['p']:.3f} (two-sided)")
     atomic_write_json(Path(cfg.out) / "summary.json", summary)
     print(f"\nwrote {Path(cfg.out) / 'summary.json'}")
     return summary
+
+
+def json_results(cfg: ObjectiveAblationConfig, name: str) -> dict:
+    return json.loads((eval_dir(cfg, name) / "results.json").read_text())["results"]
 
 
 def run(cfg: ObjectiveAblationConfig) -> int:
@@ -198,16 +217,34 @@ def run(cfg: ObjectiveAblationConfig) -> int:
             print(f"# {name}\npython train_rankgrpo.py {shlex.join(p.train[name])}\n"
                   f"python evaluate.py {shlex.join(p.evaluate[name])}")
         return 0
-    for name in p.train:
-        run_dir = Path(p.train[name][p.train[name].index("--out") + 1])
-        if not (run_dir / "final" / "model.safetensors").is_file():
-            print(f"== train {name}")
-            launch(cfg, "train_rankgrpo.py", p.train[name])
-        if not (eval_dir(cfg, name) / "results.json").is_file():
-            print(f"== evaluate {name}")
-            launch(cfg, "evaluate.py", p.evaluate[name])
+    if cfg.jobs > 1 or cfg.launcher:
+        run_tasks(tasks(cfg, p), Path(cfg.out), cfg.jobs, cwd=Path.cwd())
+    else:
+        for name in p.train:
+            if not trained(p, name).is_file():
+                print(f"== train {name}")
+                launch(cfg, "train_rankgrpo.py", p.train[name])
+            if not (eval_dir(cfg, name) / "results.json").is_file():
+                print(f"== evaluate {name}")
+                launch(cfg, "evaluate.py", p.evaluate[name])
     summarise(cfg)
     return 0
+
+
+def trained(p: Plan, name: str) -> Path:
+    """The file that marks run ``name`` finished."""
+    return Path(p.train[name][p.train[name].index("--out") + 1]) / "final" / "model.safetensors"
+
+
+def tasks(cfg: ObjectiveAblationConfig, p: Plan) -> list[Task]:
+    """Every run and its evaluation as subprocesses for ``rankgrpo.task_runner.run_tasks``."""
+    start = shlex.split(cfg.launcher) if cfg.launcher else [sys.executable]
+    out = []
+    for name in p.train:
+        out.append(Task(f"train/{name}", [*start, str(ROOT / "train_rankgrpo.py"), *p.train[name]], trained(p, name)))
+        out.append(Task(f"eval/{name}", [sys.executable, str(ROOT / "evaluate.py"), *p.evaluate[name]],
+                        eval_dir(cfg, name) / "results.json", deps=[f"train/{name}"]))
+    return out
 
 
 def main(argv=None) -> int:

@@ -44,13 +44,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -59,6 +57,7 @@ import numpy as np
 from rankgrpo.config import arg, parse_config, save_config, to_flags
 from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from rankgrpo.metrics import paired_difference
+from rankgrpo.task_runner import Task, run_tasks as run_task_graph
 from rankgrpo.sandbox.settings import EVALUATE, MAX_NEW_TOKENS, REPORT, RL, SEED, SFT, WORLD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,17 +221,6 @@ def replicate_sft(cfg: PaperTablesConfig) -> list[tuple[str, str, int]]:
             for name, _, _ in selected_sft(cfg) if cfg.replicate == "all" or name == "full"]
 
 
-@dataclass
-class Task:
-    """One subprocess: done when ``done`` exists; runs after every task in ``deps``."""
-
-    name: str
-    cmd: list[str]
-    done: Path
-    deps: list[str] = field(default_factory=list)
-    alone: bool = False  # nothing else can run beside it (everything depends on it): all cores
-
-
 def differing(defaults: Mapping[str, Any], values: dict[str, Any]) -> list[str]:
     """Flags for the entries of ``values`` that ``defaults`` (a script's sandbox preset, which the
     script applies by itself) does not hold or holds with another value.
@@ -333,63 +321,8 @@ def main_seed_name(name: str) -> str:
 
 
 def run_tasks(tasks: list[Task], cfg: PaperTablesConfig) -> dict[str, float]:
-    """Run ``tasks`` respecting ``deps``, at most ``cfg.jobs`` at once, each logging to OUT/logs/.
-    A failure stops the benchmark (finished stages are kept; rerunning resumes). Returns the
-    wall-clock seconds of every task that ran."""
-    out = Path(cfg.out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    done = {t.name for t in tasks if t.done.exists()}
-    pending = [t for t in tasks if t.name not in done]
-    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
-    seconds: dict[str, float] = {}
-    t_begin = time.time()
-    print(f"{len(tasks)} stages, {len(done)} already finished; {cfg.jobs} at once, {threads} thread(s) each")
-    try:
-        while pending or running:
-            for t in list(pending):
-                if len(running) >= cfg.jobs:
-                    break
-                if all(d in done for d in t.deps):
-                    n = max(threads, os.cpu_count() or 1) if t.alone else threads
-                    task_env = env | {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
-                    log = open(out / "logs" / (t.name.replace("/", "_") + ".log"), "a")
-                    log.write(f"$ {' '.join(t.cmd)}\n")
-                    log.flush()
-                    running[t.name] = (subprocess.Popen(t.cmd, cwd=ROOT, env=task_env, stdout=log,
-                                                        stderr=subprocess.STDOUT), time.time(), log)
-                    pending.remove(t)
-                    print(f"[{time.time() - t_begin:6.0f}s] start {t.name}", flush=True)
-            time.sleep(0.5)
-            for name, (proc, t0, log) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                log.close()
-                del running[name]
-                if rc != 0:
-                    tail = (out / "logs" / (name.replace("/", "_") + ".log")).read_text()[-3000:]
-                    raise SystemExit(f"error: stage {name} failed (exit {rc}); last lines of its log:\n{tail}")
-                seconds[name] = time.time() - t0
-                done.add(name)
-                record_seconds(out, name, seconds[name])
-                print(f"[{time.time() - t_begin:6.0f}s] done  {name} ({seconds[name]:.0f}s)", flush=True)
-    finally:
-        for proc, _, log in running.values():
-            proc.terminate()
-            proc.wait()
-            log.close()
-    return seconds
-
-
-def record_seconds(out: Path, name: str, seconds: float) -> None:
-    """Keep every stage's latest wall-clock in OUT/stage_seconds.json (so --report-only and resumed
-    runs still report the time of stages that ran in an earlier invocation)."""
-    path = out / "stage_seconds.json"
-    times = json.loads(path.read_text()) if path.exists() else {}
-    atomic_write_json(path, times | {name: round(seconds, 1)})
+    """The stages, at most ``cfg.jobs`` at once (``rankgrpo.task_runner.run_tasks``)."""
+    return run_task_graph(tasks, Path(cfg.out), cfg.jobs, cwd=ROOT)
 
 
 # ----------------------------------------------------------------------------- numbers

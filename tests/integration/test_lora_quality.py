@@ -1,0 +1,74 @@
+"""benchmarks/lora_quality.py: every arm differs from full fine-tuning by its LoRA flags only, the RL
+arms share the full-SFT start, and --quick runs end to end (runs, evaluations, the table)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from test_pipeline import world  # noqa: F401  (a fixture)
+
+from rankgrpo.config import parse_config
+from rankgrpo.sandbox import settings
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("lora_quality", ROOT / "benchmarks" / "lora_quality.py")
+lq = importlib.util.module_from_spec(spec)
+sys.modules["lora_quality"] = lq  # dataclasses look their module up there
+spec.loader.exec_module(lq)
+
+
+def flags_of(cmd: list[str]) -> dict[str, str]:
+    """--flag value pairs of a command; a flag followed by another flag (or nothing) maps to ''."""
+    out = {}
+    for i, word in enumerate(cmd):
+        if word.startswith("--"):
+            nxt = cmd[i + 1] if i + 1 < len(cmd) else "--"
+            out[word] = "" if nxt.startswith("--") else nxt
+    return out
+
+
+def test_arms_differ_by_their_lora_flags_only(tmp_path):
+    cfg = parse_config(lq.LoraQualityConfig, ["--out", str(tmp_path), "--ranks", "8", "32"])
+    tasks = {t.name: t for t in lq.tasks(cfg)}
+    assert [n for n in tasks if n.startswith("train/")] == [
+        "train/sft/full", "train/sft/lora8", "train/sft/lora32", "train/rl/full", "train/rl/lora8", "train/rl/lora32"]
+    for stage, full_lr in (("sft", settings.SFT["lr"]), ("rl", settings.RL["lr"])):
+        full = flags_of(tasks[f"train/{stage}/full"].cmd)
+        assert "--lora-rank" not in full and "--lr" not in full  # the preset's lr
+        for r in (8, 32):
+            lora = flags_of(tasks[f"train/{stage}/lora{r}"].cmd)
+            extra = {k: v for k, v in lora.items() if k not in full or full[k] != v}
+            assert extra.pop("--out").endswith(f"{stage}/lora{r}")
+            assert extra == {"--lora-rank": str(r), "--lora-alpha": str(2 * r), "--lr": f"{10 * full_lr:g}"}
+    # every RL arm starts from the full SFT run's final checkpoint, after it
+    for name in ("train/rl/full", "train/rl/lora8", "train/rl/lora32"):
+        assert flags_of(tasks[name].cmd)["--model"] == str(tmp_path / "sft" / "full" / "final")
+        assert tasks[name].deps == ["train/sft/full"]
+    # reused full runs are not retrained
+    cfg = parse_config(lq.LoraQualityConfig, ["--out", str(tmp_path), "--full-sft", "x/sft", "--full-rl", "x/rl"])
+    tasks = {t.name: t for t in lq.tasks(cfg)}
+    assert tasks["train/sft/full"].done == Path("x/sft/final/config.json")
+    assert flags_of(tasks["train/rl/lora8"].cmd)["--model"] == "x/sft/final"
+
+
+@pytest.mark.integration
+def test_quick_runs_end_to_end(world, tmp_path, capsys):  # noqa: F811
+    demos = tmp_path / "demos"
+    demos.mkdir()
+    for split in ("train", "validation"):
+        shutil.copy(world / f"easy_{split}.jsonl", demos / f"{split}.jsonl")
+    out = tmp_path / "lq"
+    assert lq.main(["--world", str(world), "--demos", str(demos), "--out", str(out), "--ranks", "4",
+                    "--quick", "--jobs", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["rows"]) == ["sft/full", "sft/lora4", "rl/full", "rl/lora4"]
+    assert summary["rows"]["sft/full"]["minus_full"] is None
+    assert summary["rows"]["rl/lora4"]["minus_full"]["n"] == 6
+    table = (out / "lora_quality.md").read_text()
+    assert table.count("\n") == 6 and "LoRA r = 4" in table and "LoRA r = 4" in capsys.readouterr().out
+    # the LoRA SFT run trained adapters only and wrote the PEFT adapter beside merged weights
+    assert (out / "sft" / "lora4" / "final" / "adapter" / "adapter_config.json").is_file()
