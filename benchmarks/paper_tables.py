@@ -45,7 +45,6 @@ import importlib.util
 import json
 import math
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -899,12 +898,7 @@ def check_same_settings(cfg: PaperTablesConfig) -> None:
                          "or delete it to start over")
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through run_tasks' finally, which stops the running stages
-
-
 def main(argv=None) -> int:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `kill` would otherwise orphan the stages
     cfg = parse_config(PaperTablesConfig, argv)
     t0 = time.time()
     if cfg.figures and importlib.util.find_spec("matplotlib") is None:  # checked before hours of work

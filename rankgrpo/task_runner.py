@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,8 @@ class Task:
 def run_tasks(tasks: list[Task], out: Path, jobs: int, cwd: Path | None = None) -> dict[str, float]:
     """Run ``tasks`` respecting ``deps``, at most ``jobs`` at once, each logging to OUT/logs/ and
     running with max(1, cpu_count // jobs) torch threads (an ``alone`` task gets every core).
-    A failure stops the run (finished tasks are kept; rerunning resumes). Returns the wall-clock
+    A failure, or SIGTERM to this process, stops the run and its running tasks (finished tasks are
+    kept; rerunning resumes). Returns the wall-clock
     seconds of every task that ran; OUT/stage_seconds.json keeps them across invocations."""
     out = Path(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -50,6 +53,9 @@ def run_tasks(tasks: list[Task], out: Path, jobs: int, cwd: Path | None = None) 
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     seconds: dict[str, float] = {}
     t_begin = time.time()
+    # `kill` of the runner would otherwise orphan its tasks: SIGTERM unwinds through the finally below
+    previous = (signal.signal(signal.SIGTERM, _exit_on_sigterm)
+                if threading.current_thread() is threading.main_thread() else None)
     print(f"{len(tasks)} stages, {len(done)} already finished; {jobs} at once, {threads} thread(s) each")
     try:
         while pending or running:
@@ -85,7 +91,13 @@ def run_tasks(tasks: list[Task], out: Path, jobs: int, cwd: Path | None = None) 
             proc.terminate()
             proc.wait()
             log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return seconds
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def record_seconds(out: Path, name: str, seconds: float) -> None:

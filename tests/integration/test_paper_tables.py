@@ -305,22 +305,19 @@ def test_noise_section_reads_every_run_at_every_seed():
 
 
 def test_a_killed_run_stops_its_stages(tmp_path):
-    """SIGTERM to the scheduler terminates the running stages too (no orphan keeps writing)."""
+    """SIGTERM to the scheduler (rankgrpo.task_runner, which every benchmark pipeline uses) terminates
+    the running stages too (no orphan keeps writing)."""
     import os
     import signal
     import subprocess
     import time
 
     marker = tmp_path / "child.pid"
-    code = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('paper_tables', sys.argv[1]); "
-            "pt = importlib.util.module_from_spec(spec); sys.modules['paper_tables'] = pt; spec.loader.exec_module(pt); "
-            "import signal; signal.signal(signal.SIGTERM, pt._exit_on_sigterm); "
-            "cfg = pt.parse_config(pt.PaperTablesConfig, ['--out', sys.argv[2], '--jobs', '1']); "
-            "pt.run_tasks([pt.Task('sleep', [sys.executable, '-c', "
-            "'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)', sys.argv[3]], "
-            "pt.Path(sys.argv[2]) / 'never')], cfg)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "benchmarks" / "paper_tables.py"),
-                             str(tmp_path / "out"), str(marker)])
+    code = ("import sys; from pathlib import Path; from rankgrpo.task_runner import Task, run_tasks; "
+            "run_tasks([Task('sleep', [sys.executable, '-c', "
+            "'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)', sys.argv[2]], "
+            "Path(sys.argv[1]) / 'never')], Path(sys.argv[1]), jobs=1)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out"), str(marker)])
     for _ in range(1200):  # up to 60 s: importing the benchmark takes seconds on a loaded machine
         if marker.exists() and marker.read_text():
             break
