@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded sandbox, on CPU: world (with a base model pretrained on the
 # world's film facts) -> RRA demonstrations -> SFT -> Rank-GRPO -> greedy evaluation on the test
-# split, next to the popularity list and the raw simulated teacher. Every stage is one of the four
+# split, next to the popularity list and the raw simulated teacher; SFT and Rank-GRPO are scored in
+# two decodings: the paper's protocol (greedy lists as they come) and without repeats (greedy lists
+# that cannot name a film twice, evaluate.py --constrained; not the paper's protocol). Every stage is one of the four
 # scripts (or the sandbox's own command) at its sandbox preset: the settings of every stage are in
 # rankgrpo/sandbox/settings.py (`python -m rankgrpo.sandbox settings` prints them), the ones
 # benchmarks/paper_tables.py judges at three seeds. This script passes paths and the seed only;
@@ -16,7 +18,15 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # conversations scored: the first N_TEST of the world's test split (default: the sandbox preset's --limit)
 N_TEST=${N_TEST:-$($PY -m rankgrpo.sandbox settings evaluate.limit)}
 start=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - start ))s] $*"; }
+last=$start
+times=()
+# stamp "title": close the stage before (its seconds go into the closing summary) and open this one
+stamp() {
+  local now; now=$(date +%s)
+  [ -n "${stage:-}" ] && times+=("$(printf '%5ds  %s' $(( now - last )) "$stage")")
+  last=$now; stage=$1
+  echo "== [$(( now - start ))s] $1"
+}
 
 # A small world whose tokenizer gives each title and each year one token, and a 2.7M-parameter base
 # model (output head untied) pretrained on what the world writes about its films (facts,
@@ -45,17 +55,27 @@ for kind in popularity teacher; do
       --catalog "$RUN/world/catalog.jsonl" --name "$kind" --out "$RUN/eval/$kind" --limit "$N_TEST" > "$RUN/eval_$kind.log"
 done
 
-stamp "6/7 evaluate.py on the test split"
-for pair in "base (zero-shot):$RUN/world/base_model:base" "SFT:$RUN/seed$SEED/sft/final:seed$SEED/sft" \
-            "Rank-GRPO:$RUN/seed$SEED/rankgrpo/final:seed$SEED/rankgrpo"; do
-  IFS=: read -r name model dir <<< "$pair"
+stamp "6/7 evaluate.py on the test split, both decodings"
+# name:checkpoint:directory under eval/:extra flags
+for entry in "base (zero-shot):$RUN/world/base_model:base:" \
+             "SFT:$RUN/seed$SEED/sft/final:seed$SEED/sft:" \
+             "Rank-GRPO:$RUN/seed$SEED/rankgrpo/final:seed$SEED/rankgrpo:" \
+             "SFT, no repeats:$RUN/seed$SEED/sft/final:seed$SEED/sft_no_repeats:--constrained --no-exclude-seen" \
+             "Rank-GRPO, no repeats:$RUN/seed$SEED/rankgrpo/final:seed$SEED/rankgrpo_no_repeats:--constrained --no-exclude-seen"; do
+  IFS=: read -r name model dir flags <<< "$entry"
   if [ ! -f "$RUN/eval/$dir/results.json" ]; then
+    # shellcheck disable=SC2086  # $flags is a list of flags
     $PY evaluate.py --model "$model" --data "$RUN/world/test.jsonl" --catalog "$RUN/world/catalog.jsonl" \
-        --name "$name" --out "$RUN/eval/$dir" --limit "$N_TEST" > "$RUN/eval_${dir//\//_}.log"
+        --name "$name" --out "$RUN/eval/$dir" --limit "$N_TEST" $flags > "$RUN/eval_${dir//\//_}.log"
   fi
 done
 
-stamp "7/7 results (test split, $N_TEST conversations, greedy, mean ±standard error; seed $SEED)"
+stamp "7/7 results (test split, $N_TEST conversations, greedy, mean ±standard error clustered by prompt; seed $SEED)"
+echo "-- the paper's protocol"
 $PY evaluate.py --compare "$RUN/eval/base" "$RUN/eval/popularity" "$RUN/eval/seed$SEED/sft" "$RUN/eval/seed$SEED/rankgrpo"
 $PY evaluate.py --compare "$RUN/eval/teacher" "$RUN/eval/seed$SEED/rankgrpo" | tail -2
+echo "-- decoded without repeats (not the paper's protocol)"
+$PY evaluate.py --compare "$RUN/eval/seed$SEED/sft_no_repeats" "$RUN/eval/seed$SEED/rankgrpo_no_repeats"
 stamp "done"
+echo "stage times (seconds, wall clock):"
+printf '  %s\n' "${times[@]}"
