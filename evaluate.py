@@ -11,7 +11,8 @@ Three ways in (§3):
     # the same on several GPUs: each process generates for its share of the unique prompts
     torchrun --nproc-per-node 4 evaluate.py --preset paper --model runs/rankgrpo/final --data test.jsonl \\
         --out runs/eval/rl
-    # several finished evaluations in one table (and one per-rank hit plot with --plot)
+    # several finished evaluations in one table (with --out also DIR/comparison.json: the table's rows and the
+    # paired differences; with --plot one per-rank hit plot)
     python evaluate.py --compare runs/eval/sft runs/eval/rl --plot --out runs/eval
 
 Scoring (--protocol): "paper" (default) is the authors' libs/metrics.py::evaluate_direct_match exactly:
@@ -146,16 +147,21 @@ def compare(cfg: EvaluateConfig) -> int:
     print(format_table(rows))
     names = list(rows)
     pairs = [(a, b) for b, a in zip(names, names[1:]) if a in per_example and b in per_example]
+    paired = []
     if pairs:
         print("paired differences on the same examples (each row minus the row above; mean ±standard error "
               "clustered by prompt, in standard errors):")
         for a, b in pairs:
-            cells = []
+            cells, row = [], {"a": a, "b": b}
             clusters = prompt_clusters(per_example[a], per_example[b])
             for k in (5, 20):
-                d = paired_difference(per_example[a], per_example[b], f"ndcg@{k}", clusters=clusters)
+                d = row[f"ndcg@{k}"] = paired_difference(per_example[a], per_example[b], f"ndcg@{k}", clusters=clusters)
                 cells.append(f"N@{k} {d['mean']:+.4f} ±{d['stderr']:.4f} ({d['z']:+.1f} SE)")
             print(f"  {a} − {b}: " + ", ".join(cells))
+            paired.append(row)
+    if cfg.out:
+        atomic_write_json(Path(cfg.out) / "comparison.json", {"rows": rows, "paired": paired})
+        print(f"wrote {Path(cfg.out) / 'comparison.json'}")
     if cfg.plot:
         _plots(cfg, curves)
     return 0

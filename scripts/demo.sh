@@ -7,7 +7,8 @@
 # scripts (or the sandbox's own command) at its sandbox preset: the settings of every stage are in
 # rankgrpo/sandbox/settings.py (`python -m rankgrpo.sandbox settings` prints them), the ones
 # benchmarks/paper_tables.py judges at three seeds. This script passes paths and the seed only;
-# rerunning resumes finished runs.
+# rerunning resumes finished runs. The tables also go to $RUN/results/seed$SEED/*/comparison.json (the
+# README's results table is checked against the committed copy, benchmarks/results/demo/).
 #   SEED=3408 make demo      the same pipeline at another training seed (world and demonstrations fixed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,10 +73,12 @@ done
 
 stamp "7/7 results (test split, $N_TEST conversations, greedy, mean ±standard error clustered by prompt; seed $SEED)"
 echo "-- the paper's protocol"
-$PY evaluate.py --compare "$RUN/eval/base" "$RUN/eval/popularity" "$RUN/eval/seed$SEED/sft" "$RUN/eval/seed$SEED/rankgrpo"
-$PY evaluate.py --compare "$RUN/eval/teacher" "$RUN/eval/seed$SEED/rankgrpo" | tail -2
+$PY evaluate.py --compare "$RUN/eval/base" "$RUN/eval/popularity" "$RUN/eval/seed$SEED/sft" "$RUN/eval/seed$SEED/rankgrpo" \
+    --out "$RUN/results/seed$SEED/paper_protocol"
+$PY evaluate.py --compare "$RUN/eval/teacher" "$RUN/eval/seed$SEED/rankgrpo" --out "$RUN/results/seed$SEED/teacher" | tail -3
 echo "-- decoded without repeats (not the paper's protocol)"
-$PY evaluate.py --compare "$RUN/eval/seed$SEED/sft_no_repeats" "$RUN/eval/seed$SEED/rankgrpo_no_repeats"
+$PY evaluate.py --compare "$RUN/eval/seed$SEED/sft_no_repeats" "$RUN/eval/seed$SEED/rankgrpo_no_repeats" \
+    --out "$RUN/results/seed$SEED/no_repeats"
 stamp "done"
 echo "stage times (seconds, wall clock):"
 printf '  %s\n' "${times[@]}"

@@ -1,0 +1,38 @@
+"""Every figure of the benchmark report and of the README's results comes from a committed output
+(scripts/check_report.py): a number with three or more decimals must be some committed number
+rounded to its decimals."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("check_report", ROOT / "scripts" / "check_report.py")
+check_report = importlib.util.module_from_spec(spec)
+sys.modules["check_report"] = check_report
+spec.loader.exec_module(check_report)
+
+
+@pytest.mark.parametrize("doc, heading, outputs", check_report.CHECKS)
+def test_every_committed_figure_has_a_source(doc, heading, outputs):
+    missing = check_report.unsourced(ROOT / doc, heading, ROOT / outputs)
+    assert not missing, f"{doc}: figures in no committed output under {outputs}: {missing[:10]}"
+
+
+def test_an_invented_figure_is_caught(tmp_path):
+    out = tmp_path / "outputs"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "summary.json").write_text(json.dumps({"a": {"mean": 0.42434, "d": [-0.01049, True]}}))
+    (out / "table.md").write_text("| x | 0.3333 |\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("# T\n\nN@20 0.4243 and 0.424; the gain −0.0105 (+1.5 SE); 0.3333.\n\n## Results\n\n"
+                   "invented 0.4244, and 1.000 (True is not a number).\n")
+    assert check_report.unsourced(doc, None, out) == [(7, "0.4244"), (7, "1.000")]
+    assert check_report.unsourced(doc, "## Results", out) == [(7, "0.4244"), (7, "1.000")]
+    doc.write_text("# T\n\n## Results\n\nall sourced: 0.42, 0.4243, −0.010.\n\n## Next\n\n0.9999\n")
+    assert check_report.unsourced(doc, "## Results", out) == []
+    assert check_report.main([str(doc), "--outputs", str(out)]) == 1  # 0.9999 in the whole document
