@@ -5,6 +5,8 @@ the code a user runs:
 
     world ─ build_demos (full RRA) ─ train_sft ─┬─ train_rankgrpo on-policy  (mu 1): GRPO, Rank-GRPO log, Rank-GRPO exp_inf
             │                                   ├─ train_rankgrpo off-policy (mu 2): GRPO, GSPO, Rank-GRPO log, Rank-GRPO exp_inf
+            │                                   ├─ train_rankgrpo --constrained (mu 1): GRPO, Rank-GRPO exp_inf, trained
+            │                                   │      where the no-repeat decoding scores them
             │                                   └─ (every checkpoint) ─ evaluate.py on the test split
             ├─ build_demos --no-reflect        ─ train_sft      (Table 2: "remove reflect")
             ├─ build_demos --no-remap-reflect  ─ train_sft      (Table 2: "remove remap-reflect")
@@ -55,7 +57,8 @@ import numpy as np
 
 from rankgrpo.config import arg, parse_config, save_config, to_flags
 from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant
-from rankgrpo.metrics import paired_difference
+from rankgrpo.evaluation import prompt_clusters
+from rankgrpo.stats import holm, paired_difference, per_rank_hit_difference, seed_level_t
 from rankgrpo.task_runner import Task, run_tasks as run_task_graph
 from rankgrpo.sandbox.settings import EVALUATE, MAX_NEW_TOKENS, REPORT, RL, SEED, SFT, WORLD
 
@@ -164,6 +167,7 @@ class Arm:
     mu: int
     start: str = "sft/full"  # a run directory under OUT (its final/), or "world" for the base model
     seed_offset: int = 0  # trained with seed + seed_offset (replicates only)
+    constrained: bool = False  # rollouts, ratios, KL and rewards under the no-repeat constraint (--constrained)
 
 
 RL_ARMS = (
@@ -175,6 +179,10 @@ RL_ARMS = (
     Arm("off/rank_grpo_log", "+ SFT + Rank-GRPO (log, μ=2)", "rank_grpo", "dcg", 2),
     Arm("off/rank_grpo_exp_inf", "+ SFT + Rank-GRPO (exp∞, μ=2)", "rank_grpo", "exp_inf", 2),
     Arm("r1zero/rank_grpo_exp_inf", "– remove SFT (R1-zero, exp∞)", "rank_grpo", "exp_inf", 1, start="world"),
+    # trained where they are scored in the no-repeat decoding: every rollout a list with no film twice
+    Arm("con/grpo", "+ SFT + Vanilla GRPO, trained without repeats", "grpo", "exp_inf", 1, constrained=True),
+    Arm("con/rank_grpo_exp_inf", "+ SFT + Rank-GRPO (exp∞), trained without repeats", "rank_grpo", "exp_inf", 1,
+        constrained=True),
 )
 # (name, build_demos flags, label)
 SFT_ARMS = (
@@ -182,7 +190,7 @@ SFT_ARMS = (
     ("no_reflect", ["--no-reflect"], "– remove reflect"),
     ("no_remap_reflect", ["--no-remap-reflect"], "– remove remap-reflect"),
 )
-REPLICATED_RL = ("on/grpo", "on/rank_grpo_log", "on/rank_grpo_exp_inf")
+REPLICATED_RL = ("on/grpo", "on/rank_grpo_log", "on/rank_grpo_exp_inf", "con/grpo", "con/rank_grpo_exp_inf")
 # The runs also scored with greedy lists that cannot repeat a film (--constrained-eval), at every seed
 # they are trained at: every SFT arm and every RL arm started from SFT.
 CONSTRAINED = "constrained/"  # their evaluation names: constrained/sft/full, constrained/rl/seed3408/on/grpo
@@ -273,7 +281,8 @@ def plan(cfg: PaperTablesConfig) -> list[Task]:
         tasks.append(Task(f"rl/{arm.name}", [
             py, "train_rankgrpo.py", "--model", str(start), "--data", data["train"], "--val-data", data["val"],
             "--catalog", data["catalog"], "--out", str(run), "--algo", arm.algo, "--reward", arm.reward,
-            "--mu", str(arm.mu), "--seed", str(cfg.seed + arm.seed_offset), *differing(RL, rl_values), "--resume"],
+            "--mu", str(arm.mu), "--seed", str(cfg.seed + arm.seed_offset), *differing(RL, rl_values),
+            *(["--constrained"] if arm.constrained else []), "--resume"],
             run / "final" / "config.json", ["world" if arm.start == "world" else arm.start]))
     for name, model, dep in eval_targets(cfg):
         tasks.append(Task(f"eval/{name}", [py, "evaluate.py", "--model", str(model), "--data", data["test"],
@@ -338,10 +347,11 @@ def load_eval(out: Path, name: str) -> tuple[dict, dict[str, dict]] | None:
 
 
 def paired(a: dict[str, dict], b: dict[str, dict], metric: str) -> dict:
-    """``rankgrpo.metrics.paired_difference`` (mean, standard error, z, n of a - b over the shared
-    examples) plus how many examples got better / worse."""
+    """``rankgrpo.stats.paired_difference`` (mean, standard error clustered by prompt, z, n of a - b
+    over the shared examples) plus how many examples got better / worse."""
     d = [a[i][metric] - b[i][metric] for i in set(a) & set(b)]
-    return paired_difference(a, b, metric) | {"better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
+    return (paired_difference(a, b, metric, clusters=prompt_clusters(a, b))
+            | {"better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)})
 
 
 def z_score(diff: dict) -> float:
@@ -636,6 +646,13 @@ CLAIMS = (
     ("full RRA SFT > remove reflect", "diff", "sft/full", "sft/no_reflect", 20),
     ("off-policy lags on-policy at equal rounds (Rank-GRPO exp∞)", "diff", "rl/on/rank_grpo_exp_inf",
      "rl/off/rank_grpo_exp_inf", 20),
+    # trained under the no-repeat constraint (scored in both decodings; the "no repeats:" versions below
+    # are the decoding they were trained in)
+    ("trained without repeats: SFT + Rank-GRPO (exp∞) > SFT", "diff", "rl/con/rank_grpo_exp_inf", "sft/full", 20),
+    ("trained without repeats: Rank-GRPO (exp∞) > GRPO", "diff", "rl/con/rank_grpo_exp_inf", "rl/con/grpo", 20),
+    ("trained without repeats: GRPO > SFT", "diff", "rl/con/grpo", "sft/full", 20),
+    ("trained without repeats: gains over GRPO grow with k (Rank-GRPO exp∞)", "grows", "rl/con/rank_grpo_exp_inf",
+     "rl/con/grpo", 20),
 )
 
 
@@ -675,29 +692,90 @@ def combine_verdicts(words: list[str]) -> str:
 
 def judge_claims(cfg: PaperTablesConfig, agg: dict, per: dict, label: dict) -> list[dict]:
     """Every claim of ``CLAIMS`` whose runs exist at every seed: its verdict at each seed (paired
-    differences on the test conversations) and over seeds (``combine_verdicts``)."""
+    differences on the test conversations, SE clustered by prompt), over seeds
+    (``combine_verdicts``), and the seed-level test: the per-seed mean differences on N@k against
+    zero (``rankgrpo.stats.seed_level_t``), with Holm's adjustment over every claim that has one."""
     out = []
     for claim, kind, a, b, k in CLAIMS:
         names = [(at_seed(a, s, cfg), at_seed(b, s, cfg)) for s in seeds(cfg)]
         if a not in per or b not in per:
             continue
-        cells, words = [], []
+        cells, words, means = [], [], []
         for x, y in names:
             if x not in per or y not in per:
                 cells.append("–")
                 continue
+            diff = paired(per[x], per[y], f"ndcg@{k}")
+            means.append(diff["mean"])
             if kind == "diff":
-                text = verdict(paired(per[x], per[y], f"ndcg@{k}"))
+                text = verdict(diff)
             else:
                 gains = [paired(per[x], per[y], f"ndcg@{j}")["mean"] for j in KS]
-                text = grows_with_k(gains, z_score(paired(per[x], per[y], f"ndcg@{k}"))) + ": " + " / ".join(
-                    f"{g:+.4f}" for g in gains)
+                text = grows_with_k(gains, z_score(diff)) + ": " + " / ".join(f"{g:+.4f}" for g in gains)
             cells.append(text)
             words.append(next(w for w in ("holds", "reversed", "not resolved", "does not hold") if text.startswith(w)))
         judged = combine_verdicts(words) if len(words) == len(names) else (
             f"not judged: {len(words)} of {len(names)} seeds run ({words[0]} at seed {cfg.seed})")
-        out.append({"claim": claim, "verdict": judged, "per_seed": cells})
+        # the seed-level test is of a difference; "grows with k" is judged from the per-rank section
+        seed_test = seed_level_t(means) if kind == "diff" and len(words) == len(names) and len(means) > 1 else None
+        out.append({"claim": claim, "verdict": judged, "per_seed": cells, "seed_level": seed_test})
+    family = {c["claim"]: c["seed_level"]["p"] for c in out if c["seed_level"] is not None}
+    adjusted = holm(family)
+    for c in out:
+        c["holm"] = adjusted.get(c["claim"])
     return out
+
+
+PER_RANK_PAIRS = (("rl/on/rank_grpo_exp_inf", "rl/on/grpo"), ("rl/on/rank_grpo_exp_inf", "sft/full"),
+                  ("rl/on/grpo", "sft/full"), ("rl/con/rank_grpo_exp_inf", "rl/con/grpo"),
+                  ("rl/con/rank_grpo_exp_inf", "sft/full"))
+
+
+def per_rank_section(cfg: PaperTablesConfig, per: dict, label: dict) -> list[str]:
+    """Markdown: the hit-rate difference at each rank 1..N for the main RL pairs, in both decodings,
+    at every seed (``rankgrpo.stats.per_rank_hit_difference``, SE clustered by prompt). NDCG@k is
+    cumulative, so a gain at rank 3 shows in every N@k with k >= 3; the per-rank rows are the direct
+    test of "gains grow toward the tail"."""
+    md = []
+    for prefix, how in (("", "the paper's protocol"), (CONSTRAINED, "decoded without repeats")):
+        for a, b in PER_RANK_PAIRS:
+            a, b = (without_repeats(a), without_repeats(b)) if prefix else (a, b)
+            rows = []
+            for s in seeds(cfg):
+                x, y = at_seed(a, s, cfg), at_seed(b, s, cfg)
+                if x in per and y in per and "rank_hits" in next(iter(per[x].values())):
+                    rows.append((s, per_rank_hit_difference(per[x], per[y],
+                                                            clusters=prompt_clusters(per[x], per[y]))))
+            if not rows:
+                continue
+            n = len(rows[0][1])
+            if not md:
+                md = ["## Per-rank hit-rate differences", "",
+                      "Hit rate at rank r of arm A minus arm B, paired on the test conversations (mean; in brackets "
+                      "the difference in SEs, clustered by prompt), ranks 1–5, 6–10, 11–15 and 16–20 averaged. "
+                      "A gain that grows toward the tail shows as rising rows.", ""]
+            md += [f"**{label.get(a, a)} − {label.get(b, b)}** ({how})", "",
+                   "| seed | " + " | ".join(f"ranks {i + 1}–{min(i + 5, n)}" for i in range(0, n, 5)) + " |",
+                   "|---|" + "---|" * len(range(0, n, 5))]
+            for seed, diffs in rows:
+                cells = []
+                for i in range(0, n, 5):
+                    block = diffs[i:i + 5]
+                    m = float(np.mean([d["mean"] for d in block]))
+                    zs = [d["z"] for d in block]
+                    cells.append(f"{m:+.4f} ({min(zs):+.1f} to {max(zs):+.1f} SE)")
+                md.append(f"| {seed} | " + " | ".join(cells) + " |")
+            md.append("")
+    return md
+
+
+def seed_level_cell(c: dict) -> str:
+    """'+0.0167, t = 4.72, p = 0.042; Holm p = 0.50' (or '–' without replicates)."""
+    t = c["seed_level"]
+    if t is None:
+        return "–"
+    return (f"{t['mean']:+.4f}, t = {t['t']:+.2f}, p = {t['p']:.3f}; Holm p = {c['holm']['p_holm']:.3f}"
+            + (" **(shown)**" if c["holm"]["rejected"] and t["mean"] > 0 else ""))
 
 
 def build_report(cfg: PaperTablesConfig) -> str:
@@ -802,13 +880,22 @@ def build_report(cfg: PaperTablesConfig) -> str:
     n_seeds = len(seeds(cfg))
     md += ["## The paper's claims, mechanically", "",
            f"Each claim is a paired difference on the test conversations, judged at each of the {n_seeds} training "
-           "seed(s): above +2 SE it holds at that seed, below −2 SE it is reversed, otherwise it is not resolved. "
+           "seed(s): above +2 SE it holds at that seed, below −2 SE it is reversed, otherwise it is not resolved "
+           "(standard errors clustered by prompt: repeated prompts are one cluster). "
            f"A claim is **shown** only where it holds at every seed, **refuted** only where it is reversed at every "
            "seed; anything else is reported as not shown, with the seeds spelled out. At seed S every RL arm "
            "starts from the SFT run of seed S.", "",
-           "| claim | verdict over seeds | " + " | ".join(f"seed {s}" for s in seeds(cfg)) + " |",
-           "|---|---|" + "---|" * n_seeds]
-    md += [f"| {c['claim']} | {c['verdict']} | " + " | ".join(c["per_seed"]) + " |" for c in claims] + [""]
+           "Per-seed SEs leave out training noise, so beside them is the seed-level test: the mean over seeds of "
+           "the per-seed differences, its t statistic on n − 1 degrees of freedom and two-sided p, and Holm's "
+           f"adjustment of that p over all {sum(c['seed_level'] is not None for c in claims)} claims tested this way "
+           "(the family-wise error stays at 0.05). With three seeds t needs 4.30 for p = 0.05 before the "
+           "adjustment.", "",
+           "| claim | verdict over seeds | seed-level difference, t, p; Holm | "
+           + " | ".join(f"seed {s}" for s in seeds(cfg)) + " |",
+           "|---|---|---|" + "---|" * n_seeds]
+    md += [f"| {c['claim']} | {c['verdict']} | {seed_level_cell(c)} | " + " | ".join(c["per_seed"]) + " |"
+           for c in claims] + [""]
+    md += per_rank_section(cfg, per, label)
 
     # training dynamics in numbers: validation start/end; the sampled lists' reward early vs late
     md += ["## Training dynamics per arm", "",

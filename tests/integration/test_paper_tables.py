@@ -56,7 +56,7 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
     for t in tasks:  # every dependency exists and comes earlier (so list order is a valid schedule)
         assert all(position[d] < position[t.name] for d in t.deps), t.name
     rl = [t for t in tasks if t.name.startswith("rl/")]
-    assert len(rl) == 8
+    assert len(rl) == 10
 
     def flag(t, f):
         return t.cmd[t.cmd.index(f) + 1]
@@ -67,6 +67,12 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
               "micro_batch_size"]:
         assert len({getattr(c, f) for c in resolved}) == 1, f
     assert {(c.algo, c.reward, c.mu) for c in resolved} == {(a.algo, a.reward, a.mu) for a in pt.RL_ARMS}
+    # the arms trained under the no-repeat constraint differ from their on-policy twins by --constrained alone
+    for arm in ("grpo", "rank_grpo_exp_inf"):
+        con, on = (next(resolve(t) for t in rl if t.name == f"rl/{kind}/{arm}") for kind in ("con", "on"))
+        assert con.constrained and not on.constrained
+        assert {k: v for k, v in vars(con).items() if k not in ("constrained", "out")} == \
+            {k: v for k, v in vars(on).items() if k not in ("constrained", "out")}
     assert {flag(t, "--model") for t in rl if "r1zero" not in t.name} == {str(Path("OUT/sft/full/final"))}
     r1 = next(t for t in rl if "r1zero" in t.name)
     assert flag(r1, "--model") == str(Path("OUT/world/base_model"))
@@ -79,14 +85,14 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
     assert not {"--no-reflect", "--no-remap-reflect"} & set(demos["demos/full"])
     evals = {t.name: t.cmd for t in tasks if t.name.startswith("eval/")}
     # every RL and SFT arm, the base model; again without repeats every arm but R1-zero (from the base model)
-    assert len(evals) == 8 + 3 + 1 + 7 + 3
+    assert len(evals) == 10 + 3 + 1 + 9 + 3
     constrained = {n for n, cmd in evals.items() if "--constrained" in cmd}
     assert constrained == {f"eval/constrained/{n}" for n in evals_of(tasks)
                            if n != "base" and "r1zero" not in n and not n.startswith("constrained/")}
     for n in constrained:  # the same checkpoint as the plain evaluation, only the repeats banned
         plain = evals[n.replace("constrained/", "")]
         assert [x.replace("constrained/", "") for x in evals[n]] == plain + ["--constrained", "--no-exclude-seen"]
-    assert len(evals_of(pt.plan(_cfg("--replicates", "0", "--no-constrained-eval")))) == 12
+    assert len(evals_of(pt.plan(_cfg("--replicates", "0", "--no-constrained-eval")))) == 14
 
 
 def test_every_stage_runs_the_sandbox_settings_plus_the_reports_curves_and_whole_test_split():
@@ -191,7 +197,7 @@ def test_every_run_is_replicated_at_each_seed_and_rl_starts_from_the_sft_run_of_
             assert flag(sft, "--train-data") == str(Path(f"OUT/demos/{name}/train.jsonl"))
             assert flag(sft, "--seed") == str(seed)
             assert f"eval/sft/seed{seed}/{name}" in tasks
-    assert len([n for n in tasks if n.startswith("eval/")]) == 3 * (8 + 3 + 7 + 3) + 1  # the base model once
+    assert len([n for n in tasks if n.startswith("eval/")]) == 3 * (10 + 3 + 9 + 3) + 1  # the base model once
     assert {f"eval/constrained/sft/seed{s}/full" for s in (3408, 3409)} <= set(tasks)
     core = {t.name for t in pt.plan(_cfg("--replicates", "2"))}  # the default
     assert {n for n in core if "seed3409" in n and n.startswith("rl/")} == {
@@ -376,3 +382,10 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
     claim = next(line for line in text.splitlines() if line.startswith("| no repeats: on-policy: Rank-GRPO (exp∞) > GRPO |"))
     assert "not judged" not in claim and "–" not in claim  # judged at every seed, each against its own GRPO
     assert "+ SFT + Rank-GRPO (exp∞) [seed 3409], no repeats" in text  # its list shape
+    # the seed-level test with Holm's adjustment beside the per-seed verdicts, and per-rank hit differences
+    claims = json.loads((tmp_path / "res" / "summary.json").read_text())["claims"]
+    tested = [c for c in claims if c["seed_level"] is not None]
+    assert tested and all(c["seed_level"]["n"] == 3 and c["holm"]["p_holm"] >= c["seed_level"]["p"] for c in tested)
+    assert all(c["seed_level"] is None for c in claims if "grow" in c["claim"])
+    assert "Holm p = " in claim and "## Per-rank hit-rate differences" in text
+    assert "| 3409 | +0.0000 (+0.0 to +0.0 SE) |" in text  # rank_hits are equal in every synthetic run
