@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rankgrpo.config import arg, flag_name, run_cli
-from rankgrpo.io import atomic_write_json, read_jsonl_tolerant
+from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from rankgrpo.evaluation import prompt_clusters
 from rankgrpo.rl import OBJECTIVES
 from rankgrpo.stats import paired_difference, seed_level_t
@@ -202,8 +202,38 @@ def summarise(cfg: ObjectiveAblationConfig) -> dict:
         print(f"  seed level: mean {across['mean']:+.4f} ±{across['stderr']:.4f} over seeds, "
               f"t = {across['t']:+.2f} on {across['df']} df, p = {across['p']:.3f} (two-sided)")
     atomic_write_json(Path(cfg.out) / "summary.json", summary)
-    print(f"\nwrote {Path(cfg.out) / 'summary.json'}")
+    atomic_write_text(Path(cfg.out) / "objective_ablation.md", markdown(summary))
+    print(f"\nwrote {Path(cfg.out) / 'summary.json'} and objective_ablation.md")
     return summary
+
+
+# the row of docs/algorithm.md's table of differences each rule is
+RULE_NUMBER = {"eos_advantage": 1, "exact_length_bonus": 2, "early_stop_unit": 3, "overflow_ratio": 4,
+               "aggregation": 5, "reward_matching": 6, "baseline_aggregation": 7}
+
+
+def markdown(summary: dict) -> str:
+    """The report's table: N@20 of every arm at the first seed, its paired difference against its
+    base, then authors − paper at every seed with the seed-level test."""
+    seed = summary["seed"]
+    lines = [f"| # | arm (seed {seed}) | N@20 | − its base, paired (±SE clustered by prompt) |", "|---|---|---|---|"]
+    levels = summary["levels"]
+    for name in ["paper", "grpo-paper"]:
+        lines.append(f"| | {name} | {levels[name]:.4f} | (base) |")
+    for name, d in summary["arms"].items():
+        rule = name.split("+")[1] if "+" in name else None
+        number = RULE_NUMBER.get(rule, "1–7") if rule else "1–7"
+        lines.append(f"| {number} | {name} | {levels[name]:.4f} | {d['mean']:+.4f} ±{d['stderr']:.4f} "
+                     f"({d['z']:+.1f} SE) |")
+    amp = summary["authors_minus_paper"]
+    lines += ["", "| authors − paper | N@20 difference (±SE clustered by prompt) |", "|---|---|"]
+    for s, d in amp["per_seed"].items():
+        lines.append(f"| seed {s} | {d['mean']:+.4f} ±{d['stderr']:.4f} ({d['z']:+.1f} SE) |")
+    t = amp["seed_level"]
+    if t["t"] is not None:
+        lines.append(f"| over {t['n']} seeds | {t['mean']:+.4f} ±{t['stderr']:.4f}; t = {t['t']:+.2f} on {t['df']} df, "
+                     f"p = {t['p']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def json_results(cfg: ObjectiveAblationConfig, name: str) -> dict:

@@ -47,6 +47,9 @@ def test_quick_runs_end_to_end(world, tmp_path, capsys):  # noqa: F811
     assert set(summary["arms"]) == {a.name for a in ablation.arms() if a.base}
     assert [int(s) for s in summary["authors_minus_paper"]["per_seed"]] == [3407, 3408, 3409]
     assert all(d["n"] == 6 for d in summary["arms"].values())
+    md = (out / "objective_ablation.md").read_text()
+    assert "| 6 | paper+reward_matching |" in md and "| 7 | grpo-paper+baseline_aggregation |" in md
+    assert "| 1–7 | authors |" in md and "| over 3 seeds |" in md and md.count("\n| seed 34") == 3
     # each run's resolved settings: the base's, but for the one rule the arm switches
     for name, d in summary["arms"].items():
         rule = name.split("+")[1] if "+" in name else None
