@@ -33,7 +33,7 @@ stamp() {
 # model (output head untied) pretrained on what the world writes about its films (facts,
 # co-preference sentences, catalog questions in chat form), so that it knows its catalog before SFT.
 stamp "1/7 sandbox world and knowledge pretraining of the base model"
-$PY -m rankgrpo.sandbox --out "$RUN/world" --preset demo
+$PY -m rankgrpo.sandbox --out "$RUN/world" --preset demo --resume
 
 stamp "2/7 build_demos.py (Remap-Reflect-Adjust with the simulated teacher)"
 $PY build_demos.py --world "$RUN/world" --out "$RUN/demos"

@@ -35,6 +35,8 @@ class BuildCommand(SandboxConfig):
                           "below. A flag given on the command line wins.", choices=["", "demo"])
     out: str = arg("sandbox_world", "Directory to write the world into.")
     calibrate: bool = arg(False, "Calibrate on the test split after building.")
+    resume: bool = arg(False, "Keep a complete world already in --out if this code built it from these settings "
+                              "(the manifest's config and generator version); otherwise build it.")
 
 
 @dataclass
@@ -136,11 +138,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cmd.kind}: {len(rows)} lists for {cmd.split} in {cmd.out}")
         return
     cmd = parse_config(BuildCommand, argv)
-    from rankgrpo.sandbox.build import build_world
+    from rankgrpo.sandbox.build import build_world, ensure_world
 
     t0 = time.perf_counter()
-    build_world(_only(SandboxConfig, cmd), cmd.out, verbose=True)
-    print(f"built in {time.perf_counter() - t0:.1f}s")
+    if cmd.resume:
+        ensure_world(cmd.out, _only(SandboxConfig, cmd), verbose=True)
+        print(f"ready in {time.perf_counter() - t0:.1f}s")
+    else:
+        build_world(_only(SandboxConfig, cmd), cmd.out, verbose=True)
+        print(f"built in {time.perf_counter() - t0:.1f}s")
     if cmd.calibrate:
         _calibrate(cmd.out, TeacherConfig())
 

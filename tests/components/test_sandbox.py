@@ -419,6 +419,14 @@ def test_cli_builds_and_calibrates(tmp_path, world_dir, capsys):
     sandbox_main(["calibrate", "--world", str(world_dir), "--limit", "10", "--ooc-rate", "0.1"])
     printed = capsys.readouterr().out
     assert "oracle" in printed and "in-catalog ratio" in printed
+    # --resume (make demo's rerun) keeps a complete world built from the same settings, rebuilds otherwise
+    argv = ["--out", str(out), "--n-films", "200", "--n-train", "20", "--n-validation", "5", "--n-test", "5",
+            "--no-build-model", "--resume"]
+    stamp = (out / "test.jsonl").stat().st_mtime_ns
+    sandbox_main(argv)
+    assert (out / "test.jsonl").stat().st_mtime_ns == stamp and "ready in" in capsys.readouterr().out
+    sandbox_main(argv[:-2] + ["--n-test", "6", "--no-build-model", "--resume"])
+    assert len(load_examples(out / "test.jsonl")) == 6
 
 
 def test_ensure_world_reuses_and_rebuilds(tmp_path):
