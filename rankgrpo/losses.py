@@ -349,6 +349,10 @@ def rank_grpo_loss(logp, old_logp, ref_logp, rank_ids, mask, advantages, *,
     if (eos_shaping or eos_advantage == "zero") and eos_index is None:
         raise ValueError("early_stop_penalty != 0, exact_length_bonus != 0 and eos_advantage='zero' need "
                          "eos_index ([B], -1 for completions cut before <eos>)")
+    if logp.shape[1] == 0 and eos_index is not None:  # no token: every row was cut, no <eos> rule acts
+        if bool(torch.any(eos_index >= 0)):
+            raise ValueError("eos_index must point at a masked completion token (or be -1 for a cut completion)")
+        eos_shaping, eos_advantage = False, "line"
     mask = mask.bool()
     rank_ids = rank_ids.long()
     if bool(torch.any(mask & (rank_ids < 0))):

@@ -128,6 +128,17 @@ def test_an_empty_batch_gives_zero_loss(shape):
     assert m["clip/low_frac"] == m["clip/high_frac"] == 0.0
     loss, m = grpo_loss(logp, logp, logp, ranks > 0, adv[:, 0])
     assert loss.item() == 0.0 and m["ratio/min"] == m["ratio/max"] == 1.0 and m["n_tokens"] == 0.0
+    # the <eos> rules need eos_index; with no token every row is cut (-1), and the loss is still 0
+    cut = -torch.ones(b, dtype=torch.long)
+    for rules in (dict(eos_advantage="zero"), dict(early_stop_penalty=-0.1), dict(exact_length_bonus=0.1),
+                  dict(early_stop_unit="last_line", early_stop_penalty=-0.1)):
+        loss, _ = rank_grpo_loss(logp, logp, logp, ranks, ranks > 0, adv, eos_index=cut,
+                                 **{**NO_SHAPING, **rules})
+        assert loss.item() == 0.0, rules
+    if b:  # an <eos> column in a row without tokens is refused
+        with pytest.raises(ValueError, match="eos_index must point"):
+            rank_grpo_loss(logp, logp, logp, ranks, ranks > 0, adv, eos_index=torch.zeros(b, dtype=torch.long),
+                           **{**NO_SHAPING, "eos_advantage": "zero"})
 
 
 # ---------------------------------------------------------------------------------------
