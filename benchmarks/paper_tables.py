@@ -35,6 +35,11 @@ Runs are resumable: rerunning skips finished stages and resumes training runs.
     python benchmarks/paper_tables.py --replicate all   # every arm at three seeds: about 40% more
     python benchmarks/paper_tables.py --quick           # smoke size: under 10 minutes
     python benchmarks/paper_tables.py --report-only     # rebuild tables and figures from finished runs
+    python benchmarks/paper_tables.py --select-rl-lrs 3e-5 1e-4 3e-4   # each arm's lr chosen on validation
+
+With --select-rl-lrs every RL arm is first trained at the main seed at each rate (OUT/select/) and
+scored by its last validation NDCG@20; the best rate is written to OUT/selection.json, used at
+every seed, and listed in the report. No test score exists before the choice is made.
 
 Independent runs go in parallel (--jobs, default 2), each with cpu_count // jobs torch threads:
 on 2 cores two 1-thread runs finish about 1.3x sooner than one 2-thread run after another. So the
@@ -132,6 +137,10 @@ class PaperTablesConfig:
                                  "arms and R1-zero), or 'all' (every SFT and RL run; about 40% more compute). Claims "
                                  "on runs without replicates are reported at one seed and not judged.",
                          choices=("all", "core"))
+    select_rl_lrs: list[float] = arg([], "Choose each RL arm's learning rate on validation before any test score: "
+                                         "every arm is trained at the main seed at each of these (OUT/select/), "
+                                         "the one with the highest final validation NDCG@20 is used at every "
+                                         "seed. Empty: every arm at --rl-lr.")
     constrained_eval: bool = arg(True, "Also score every SFT run and every RL run started from SFT, at every "
                                        "seed, with greedy lists that cannot repeat a film (evaluate.py --constrained "
                                        "--no-exclude-seen; these students are already in catalog, so the ban "
@@ -238,7 +247,7 @@ def differing(defaults: Mapping[str, Any], values: dict[str, Any]) -> list[str]:
     return to_flags({k: v for k, v in values.items() if k not in defaults or defaults[k] != v})
 
 
-def plan(cfg: PaperTablesConfig) -> list[Task]:
+def plan(cfg: PaperTablesConfig, rl_lrs: Mapping[str, float] | None = None) -> list[Task]:
     """Every stage as a task, in priority order (the critical path and the long RL arms first).
 
     Every script runs at its sandbox preset (rankgrpo/sandbox/settings.py): a command names its
@@ -281,7 +290,8 @@ def plan(cfg: PaperTablesConfig) -> list[Task]:
         tasks.append(Task(f"rl/{arm.name}", [
             py, "train_rankgrpo.py", "--model", str(start), "--data", data["train"], "--val-data", data["val"],
             "--catalog", data["catalog"], "--out", str(run), "--algo", arm.algo, "--reward", arm.reward,
-            "--mu", str(arm.mu), "--seed", str(cfg.seed + arm.seed_offset), *differing(RL, rl_values),
+            "--mu", str(arm.mu), "--seed", str(cfg.seed + arm.seed_offset),
+            *differing(RL, rl_values | {"lr": (rl_lrs or {}).get(base_arm(arm.name), cfg.rl_lr)}),
             *(["--constrained"] if arm.constrained else []), "--resume"],
             run / "final" / "config.json", ["world" if arm.start == "world" else arm.start]))
     for name, model, dep in eval_targets(cfg):
@@ -292,6 +302,55 @@ def plan(cfg: PaperTablesConfig) -> list[Task]:
                                              if name.startswith(CONSTRAINED) else [])],
                           out / "eval" / name / "results.json", [dep]))
     return tasks
+
+
+def base_arm(name: str) -> str:
+    """The arm a replicate repeats: 'seed3408/on/grpo' -> 'on/grpo'.
+
+    >>> base_arm("seed3408/on/grpo"), base_arm("off/gspo")
+    ('on/grpo', 'off/gspo')
+    """
+    return re.sub(r"^seed\d+/", "", name)
+
+
+def selection_tasks(cfg: PaperTablesConfig) -> list[Task]:
+    """Every selected RL arm at the main seed at each lr of ``select_rl_lrs``, with its validation
+    curve; never scored on test. What they need (world, full-RRA SFT) comes first."""
+    tasks = {t.name: t for t in plan(cfg)}
+    out = [tasks[n] for n in ("world", "demos/full", "sft/full")]
+    for arm in selected_arms(cfg):
+        for lr in cfg.select_rl_lrs:
+            t = tasks[f"rl/{arm.name}"]
+            run = selection_dir(cfg, arm.name, lr)
+            cmd = [x for x in t.cmd]
+            cmd[cmd.index("--out") + 1] = str(run)
+            if "--lr" in cmd:
+                cmd[cmd.index("--lr") + 1] = f"{lr:g}"
+            else:
+                cmd += ["--lr", f"{lr:g}"]
+            out.append(Task(f"select/{arm.name}/lr{lr:g}", cmd, run / "final" / "config.json", t.deps))
+    return out
+
+
+def selection_dir(cfg: PaperTablesConfig, arm: str, lr: float) -> Path:
+    return Path(cfg.out) / "select" / arm / f"lr{lr:g}"
+
+
+def choose_rl_lrs(cfg: PaperTablesConfig) -> dict[str, dict]:
+    """{arm: {"scores": {lr: final validation NDCG@20}, "chosen": lr}}, the highest score winning
+    (ties: the smaller lr, the smaller step)."""
+    out = {}
+    for arm in selected_arms(cfg):
+        scores = {}
+        for lr in sorted(cfg.select_rl_lrs):
+            log = selection_dir(cfg, arm.name, lr) / "log.jsonl"
+            values = [r["val_ndcg@20"] for r in read_jsonl_tolerant(log) if "val_ndcg@20" in r] if log.is_file() else []
+            if not values:
+                raise SystemExit(f"error: {log}: no validation NDCG@20 logged (is --eval-every 0?)")
+            scores[lr] = values[-1]
+        best = max(scores, key=lambda lr: (scores[lr], -lr))
+        out[arm.name] = {"scores": {f"{k:g}": v for k, v in scores.items()}, "chosen": best}
+    return out
 
 
 def selected_arms(cfg: PaperTablesConfig) -> list[Arm]:
@@ -812,6 +871,20 @@ def build_report(cfg: PaperTablesConfig) -> str:
           f"{cfg.prompts_per_step} prompts × G = {cfg.group_size} at lr {cfg.rl_lr:g}, β = {cfg.beta:g}, up to "
           f"{cfg.max_new_tokens} tokens; training seed {cfg.seed}"
           + (f" (+{cfg.replicates} replicate seed(s))" if cfg.replicates else "") + ".", ""]
+    selection_path = out / "selection.json"
+    if selection_path.is_file():
+        selection = json.loads(selection_path.read_text(encoding="utf-8"))
+        lrs = sorted({k for sel in selection.values() for k in sel["scores"]}, key=float)
+        md += ["## Settings chosen on validation", "",
+               f"Each RL arm's learning rate was chosen before any test score: the arm trained at seed {cfg.seed} "
+               "at each rate (runs in OUT/select/), scored by greedy NDCG@20 on the "
+               f"{cfg.val_examples} validation conversations at its last round; the highest wins and is used at "
+               "every seed. Final validation NDCG@20:", "",
+               "| arm | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |",
+               "|---|" + "---|" * (len(lrs) + 1)]
+        md += [f"| {label.get('rl/' + arm, arm)} | " + " | ".join(
+               f"{sel['scores'][lr]:.4f}" if lr in sel["scores"] else "–" for lr in lrs) + f" | {sel['chosen']:g} |"
+               for arm, sel in selection.items()] + [""]
     md += ["## Table 1 analogue: on-policy RL (μ = 1)", "",
            table(rows(["popularity", "teacher", "oracle", "base", sft, "rl/on/grpo", "rl/on/rank_grpo_log",
                        "rl/on/rank_grpo_exp_inf"])),
@@ -996,7 +1069,13 @@ def main(argv=None) -> int:
     if not cfg.report_only:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.out, "paper_tables_config.json")
-        run_tasks(plan(cfg), cfg)
+        rl_lrs = None
+        if cfg.select_rl_lrs:  # chosen on validation before any test evaluation runs
+            run_tasks(selection_tasks(cfg), cfg)
+            selection = choose_rl_lrs(cfg)
+            atomic_write_json(Path(cfg.out) / "selection.json", selection)
+            rl_lrs = {arm: sel["chosen"] for arm, sel in selection.items()}
+        run_tasks(plan(cfg, rl_lrs), cfg)
     text = build_report(cfg)
     print(text)
     print(f"\nwrote {cfg.results}/paper_tables.md, summary.json and PNGs; {time.time() - t0:.0f}s in all")

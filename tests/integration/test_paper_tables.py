@@ -372,7 +372,10 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
     base = aggregate(rows(0.05))
     monkeypatch.setattr(pt, "baselines", lambda out: (
         {n: base for n, _, _ in pt.BASELINES}, {n: {r["id"]: r for r in rows(0.05)} for n, _, _ in pt.BASELINES}))
+    (tmp_path / "selection.json").write_text(json.dumps(
+        {"on/grpo": {"scores": {"3e-05": 0.3, "0.0001": 0.31}, "chosen": 1e-4}}))
     text = pt.build_report(cfg)
+    assert "## Settings chosen on validation" in text and "| + SFT + Vanilla GRPO | 0.3000 | 0.3100 | 0.0001 |" in text
     assert "## Every run at every training seed" in text and "SFT beats the popularity floor" in text
     claim = next(line for line in text.splitlines() if line.startswith("| off-policy: Rank-GRPO (exp∞) > GRPO"))
     assert ("not judged" in claim) == (replicate == "core")
@@ -389,3 +392,34 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
     assert all(c["seed_level"] is None for c in claims if "grow" in c["claim"])
     assert "Holm p = " in claim and "## Per-rank hit-rate differences" in text
     assert "| 3409 | +0.0000 (+0.0 to +0.0 SE) |" in text  # rank_hits are equal in every synthetic run
+
+
+def test_rl_learning_rates_are_chosen_on_validation_before_any_test_score(tmp_path):
+    cfg = _cfg("--out", str(tmp_path), "--select-rl-lrs", "3e-5", "1e-4", "--replicates", "1")
+    tasks = pt.selection_tasks(cfg)
+    names = [t.name for t in tasks]
+    assert names[:3] == ["world", "demos/full", "sft/full"]
+    assert not any(n.startswith("eval/") for n in names)  # selection never scores test
+    assert not any("test.jsonl" in " ".join(t.cmd) for t in tasks)
+    main = {t.name: t for t in pt.plan(cfg)}
+    for arm in pt.RL_ARMS:
+        for lr in ("3e-05", "0.0001"):
+            t = next(t for t in tasks if t.name == f"select/{arm.name}/lr{float(lr):g}")
+            ref = main[f"rl/{arm.name}"]
+            differ = {t.cmd[i - 1] for i, (x, y) in enumerate(zip(t.cmd, ref.cmd)) if x != y}
+            assert differ <= {"--out", "--lr"} and resolve(t).lr == float(lr)
+            assert resolve(t).eval_every > 0 and t.deps == ref.deps  # a validation curve, the arm's start
+    # the choice: highest final validation NDCG@20; a tie goes to the smaller rate
+    for arm in pt.RL_ARMS:
+        for lr, v in ((3e-5, 0.30), (1e-4, 0.31 if arm.name == "on/grpo" else 0.30)):
+            run = pt.selection_dir(cfg, arm.name, lr)
+            run.mkdir(parents=True)
+            (run / "log.jsonl").write_text(json.dumps({"step": 15, "val_ndcg@20": 0.9}) + "\n"
+                                           + json.dumps({"step": 30, "val_ndcg@20": v}) + "\n")
+    chosen = pt.choose_rl_lrs(cfg)
+    assert chosen["on/grpo"]["chosen"] == 1e-4 and chosen["off/gspo"]["chosen"] == 3e-5
+    assert chosen["on/grpo"]["scores"] == {"3e-05": 0.30, "0.0001": 0.31}
+    # every seed of an arm trains at its chosen rate
+    planned = {t.name: t for t in pt.plan(cfg, {a: c["chosen"] for a, c in chosen.items()})}
+    assert resolve(planned["rl/on/grpo"]).lr == resolve(planned["rl/seed3408/on/grpo"]).lr == 1e-4
+    assert resolve(planned["rl/on/rank_grpo_exp_inf"]).lr == 3e-5
