@@ -114,7 +114,9 @@ def main(argv=None) -> int:
     if args.method:
         print(json.dumps(child(args)))
         return 0
-    base = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")]
+    # the child gets every setting but --json (the parent writes it), whichever form it was given in
+    base = [x for k, v in vars(args).items() if k not in ("method", "checkpointing", "json")
+            for x in (f"--{k.replace('_', '-')}", str(v))]
     rows = []
     for method in ("full", "lora"):
         for ckpt in (0, 1):
@@ -141,8 +143,9 @@ def main(argv=None) -> int:
         + f"; computed persistent state: {full[0]['persistent_mb'] - lora[0]['persistent_mb']:.0f} MiB "
         "(gradients included, which exist only from the backward pass to the optimizer step)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+        from rankgrpo.io import atomic_write_json
+
+        atomic_write_json(args.json, rows)
     return 0
 
 
