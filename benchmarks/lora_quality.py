@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rankgrpo.config import arg, run_cli
+from rankgrpo.config import arg, run_cli, save_config
 from rankgrpo.evaluation import prompt_clusters
 from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from rankgrpo.sandbox import settings
@@ -226,6 +226,7 @@ def markdown(summary: dict) -> str:
 
 
 def run(cfg: LoraQualityConfig) -> int:
+    save_config(cfg, cfg.out, "lora_quality_config.json")
     full_sft = [t for t in tasks(cfg, {"sft": 1.0, "rl": 1.0}) if t.name == "train/sft/full"]
     run_tasks(full_sft + probe_tasks(cfg), Path(cfg.out), cfg.jobs, cwd=Path.cwd())
     selection = select_scales(cfg)

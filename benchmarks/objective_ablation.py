@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rankgrpo.config import arg, flag_name, run_cli
+from rankgrpo.config import arg, flag_name, run_cli, save_config
 from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from rankgrpo.evaluation import prompt_clusters
 from rankgrpo.rl import OBJECTIVES
@@ -247,6 +247,7 @@ def run(cfg: ObjectiveAblationConfig) -> int:
             print(f"# {name}\npython train_rankgrpo.py {shlex.join(p.train[name])}\n"
                   f"python evaluate.py {shlex.join(p.evaluate[name])}")
         return 0
+    save_config(cfg, cfg.out, "objective_ablation_config.json")
     if cfg.jobs > 1 or cfg.launcher:
         run_tasks(tasks(cfg, p), Path(cfg.out), cfg.jobs, cwd=Path.cwd())
     else:

@@ -91,6 +91,7 @@ def test_quick_runs_end_to_end(world, tmp_path, capsys):  # noqa: F811
     assert summary["rows"]["rl/lora4"]["minus_full"]["n"] == 6
     table = (out / "lora_quality.md").read_text()
     assert set(summary["selection"]) == {"sft", "rl"}
+    assert json.loads((out / "lora_quality_config.json").read_text())["ranks"] == [4]  # the resolved config
     assert "chosen on validation" in table and "LoRA r = 4" in table and "LoRA r = 4" in capsys.readouterr().out
     # the LoRA SFT run trained adapters only and wrote the PEFT adapter beside merged weights
     assert (out / "sft" / "lora4" / "final" / "adapter" / "adapter_config.json").is_file()

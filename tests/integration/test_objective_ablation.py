@@ -44,6 +44,7 @@ def test_quick_runs_end_to_end(world, tmp_path, capsys):  # noqa: F811
     printed = capsys.readouterr().out
     assert "paired differences" in printed and "authors − paper over 3 seed(s)" in printed
     summary = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "objective_ablation_config.json").read_text())["quick"] is True
     assert set(summary["arms"]) == {a.name for a in ablation.arms() if a.base}
     assert [int(s) for s in summary["authors_minus_paper"]["per_seed"]] == [3407, 3408, 3409]
     assert all(d["n"] == 6 for d in summary["arms"].values())
