@@ -35,7 +35,7 @@ Runs are resumable: rerunning skips finished stages and resumes training runs.
     python benchmarks/paper_tables.py --replicate all   # every arm at three seeds: about 40% more
     python benchmarks/paper_tables.py --quick           # smoke size: under 10 minutes
     python benchmarks/paper_tables.py --report-only     # rebuild tables and figures from finished runs
-    python benchmarks/paper_tables.py --select-rl-lrs 3e-5 1e-4 3e-4   # each arm's lr chosen on validation
+    python benchmarks/paper_tables.py --select-rl-lrs 3e-5 3e-4   # each arm's lr chosen on validation among these
 
 With --select-rl-lrs every RL arm is first trained at the main seed at each rate (OUT/select/) and
 scored by its last validation NDCG@20; the best rate is written to OUT/selection.json, used at
