@@ -84,7 +84,7 @@ def test_quick_runs_end_to_end(world, tmp_path, capsys):  # noqa: F811
         shutil.copy(world / f"easy_{split}.jsonl", demos / f"{split}.jsonl")
     out = tmp_path / "lq"
     assert lq.main(["--world", str(world), "--demos", str(demos), "--out", str(out), "--ranks", "4",
-                    "--lr-scales", "1", "3", "--quick", "--jobs", "2"]) == 0
+                    "--lr-scales", "3", "--quick", "--jobs", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["rows"]) == ["sft/full", "sft/lora4", "rl/full", "rl/lora4"]
     assert summary["rows"]["sft/full"]["minus_full"] is None
