@@ -26,8 +26,8 @@ checks that it resolves to these values.
     python -m rankgrpo.sandbox settings rl.lr           # one value
     python -m rankgrpo.sandbox settings world --flags   # a stage as command-line flags
 
-How the values were chosen (one-seed probes on the first 200 test conversations of this world):
-docs/sandbox.md, "Why these settings".
+How the values were chosen: docs/sandbox.md, "Why these settings" (the world and the SFT run were
+fixed before the report's protocol; the report chooses its RL rates and decoding on validation).
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ DEMOS: Mapping[str, Any] = MappingProxyType(dict(
 ))
 
 SFT: Mapping[str, Any] = MappingProxyType(dict(
-    max_steps=1200,       # 3.2 epochs of 6,000 demonstrations at batch 16
+    max_steps=600,        # 1.6 epochs of 6,000 demonstrations at batch 16: fixed by make demo's 15-minute
+                          # budget, not chosen by any score
     lr=3e-3,              # a tiny model learning from little more than scratch: a large peak lr
     micro_batch_size=16,
     grad_accum=1,
@@ -92,7 +93,7 @@ EVALUATE: Mapping[str, Any] = MappingProxyType(dict(
 ))
 
 REPORT: Mapping[str, Mapping[str, Any]] = MappingProxyType(dict(
-    sft=MappingProxyType(dict(eval_every=600, save_every=600, val_gen_examples=100)),
+    sft=MappingProxyType(dict(eval_every=300, save_every=300, val_gen_examples=100)),
     rl=MappingProxyType(dict(eval_every=15, save_every=15, val_examples=100)),
     # every test conversation; lists run to the token budget (the committed report was made so)
     evaluate=MappingProxyType(dict(limit=0, stop_after_items=0)),
