@@ -137,10 +137,12 @@ class PaperTablesConfig:
                                  "arms and R1-zero), or 'all' (every SFT and RL run; about 40% more compute). Claims "
                                  "on runs without replicates are reported at one seed and not judged.",
                          choices=("all", "core"))
-    select_rl_lrs: list[float] = arg([], "Choose each RL arm's learning rate on validation before any test score: "
-                                         "every arm is trained at the main seed at each of these (OUT/select/), "
-                                         "the one with the highest final validation NDCG@20 is used at every "
-                                         "seed. Empty: every arm at --rl-lr.")
+    select_rl_lrs: list[float] = arg([RL["lr"], 3 * RL["lr"]],
+                                     "Choose learning rates on validation before any test score: each arm judged "
+                                     "at every seed (and the on-policy counterparts of the others, LR_SOURCE) is "
+                                     "trained at the main seed at each of these (OUT/select/) and scored on every "
+                                     "validation conversation; the highest NDCG@20 wins, at every seed, and the run "
+                                     "at the chosen rate is the main seed's run. Empty: every arm at --rl-lr.")
     constrained_eval: bool = arg(True, "Also score every SFT run and every RL run started from SFT, at every "
                                        "seed, with greedy lists that cannot repeat a film (evaluate.py --constrained "
                                        "--no-exclude-seen; these students are already in catalog, so the ban "
@@ -292,7 +294,8 @@ def plan(cfg: PaperTablesConfig, rl_lrs: Mapping[str, float] | None = None) -> l
             "--catalog", data["catalog"], "--out", str(run), "--algo", arm.algo, "--reward", arm.reward,
             "--mu", str(arm.mu), "--seed", str(cfg.seed + arm.seed_offset),
             *differing(RL, rl_values | {"lr": (rl_lrs or {}).get(base_arm(arm.name), cfg.rl_lr)}),
-            *(["--constrained"] if arm.constrained else []), "--resume"],
+            # trained in the decoding the no-repeat evaluation scores: no film twice (seen films allowed)
+            *(["--constrained", "--no-exclude-seen"] if arm.constrained else []), "--resume"],
             run / "final" / "config.json", ["world" if arm.start == "world" else arm.start]))
     for name, model, dep in eval_targets(cfg):
         tasks.append(Task(f"eval/{name}", [py, "evaluate.py", "--model", str(model), "--data", data["test"],
@@ -313,44 +316,128 @@ def base_arm(name: str) -> str:
     return re.sub(r"^seed\d+/", "", name)
 
 
+# The arms whose learning rate --select-rl-lrs chooses on validation: the ones judged at every seed.
+# Each other arm takes the rate chosen for its counterpart, named here (an off-policy arm: its
+# on-policy arm; GSPO: GRPO's; R1-zero: Rank-GRPO exp∞'s), so no rate is ever picked on test.
+LR_SOURCE = {"off/grpo": "on/grpo", "off/gspo": "on/grpo", "off/rank_grpo_log": "on/rank_grpo_log",
+             "off/rank_grpo_exp_inf": "on/rank_grpo_exp_inf", "r1zero/rank_grpo_exp_inf": "on/rank_grpo_exp_inf"}
+
+
+def lr_source(arm: str) -> str:
+    """The arm whose validation choice sets ``arm``'s learning rate.
+
+    >>> lr_source("off/gspo"), lr_source("con/grpo")
+    ('on/grpo', 'con/grpo')
+    """
+    return LR_SOURCE.get(arm, arm)
+
+
+def selection_arms(cfg: PaperTablesConfig) -> list[Arm]:
+    """The arms trained at every candidate rate: the lr sources of the selected arms."""
+    wanted = {lr_source(a.name) for a in selected_arms(cfg)}
+    return [a for a in RL_ARMS if a.name in wanted]
+
+
 def selection_tasks(cfg: PaperTablesConfig) -> list[Task]:
-    """Every selected RL arm at the main seed at each lr of ``select_rl_lrs``, with its validation
-    curve; never scored on test. What they need (world, full-RRA SFT) comes first."""
-    tasks = {t.name: t for t in plan(cfg)}
+    """Every selection arm at the main seed at each lr of ``select_rl_lrs`` (OUT/select/), then its
+    final checkpoint scored on every validation conversation in the decoding it was trained in;
+    never on test. What they need (world, full-RRA SFT) comes first."""
+    everything = plan(replace(cfg, arms=[a.name for a in selection_arms(cfg)]))
+    tasks = {t.name: t for t in everything}
     out = [tasks[n] for n in ("world", "demos/full", "sft/full")]
-    for arm in selected_arms(cfg):
+    world = Path(cfg.out) / "world"
+    for arm in selection_arms(cfg):
         for lr in cfg.select_rl_lrs:
             t = tasks[f"rl/{arm.name}"]
             run = selection_dir(cfg, arm.name, lr)
-            cmd = [x for x in t.cmd]
+            cmd = list(t.cmd)
             cmd[cmd.index("--out") + 1] = str(run)
             if "--lr" in cmd:
                 cmd[cmd.index("--lr") + 1] = f"{lr:g}"
             else:
                 cmd += ["--lr", f"{lr:g}"]
-            out.append(Task(f"select/{arm.name}/lr{lr:g}", cmd, run / "final" / "config.json", t.deps))
+            name = f"select/{arm.name}/lr{lr:g}"
+            out.append(Task(name, cmd, run / "final" / "config.json", t.deps))
+            out.append(validation_eval(cfg, f"{name}/val", run / "final", run / "val_eval", arm.constrained, name))
     return out
+
+
+def validation_eval(cfg: PaperTablesConfig, name: str, model: Path, dest: Path, no_repeats: bool,
+                    dep: str) -> Task:
+    """evaluate.py on every validation conversation (greedy, the report's evaluation settings)."""
+    world = Path(cfg.out) / "world"
+    eval_values = dict(max_new_tokens=cfg.max_new_tokens, **REPORT["evaluate"])
+    return Task(name, [cfg.python or sys.executable, "evaluate.py", "--model", str(model),
+                       "--data", str(world / "validation.jsonl"), "--catalog", str(world / "catalog.jsonl"),
+                       "--name", name, "--out", str(dest), *differing(EVALUATE, eval_values),
+                       *(["--constrained", "--no-exclude-seen"] if no_repeats else [])],
+                dest / "results.json", [dep])
 
 
 def selection_dir(cfg: PaperTablesConfig, arm: str, lr: float) -> Path:
     return Path(cfg.out) / "select" / arm / f"lr{lr:g}"
 
 
+def validation_ndcg(path: Path) -> float:
+    """Mean NDCG@20 of a validation evaluation's results.json."""
+    return json.loads(path.read_text(encoding="utf-8"))["ndcg@20"]["mean"]
+
+
 def choose_rl_lrs(cfg: PaperTablesConfig) -> dict[str, dict]:
-    """{arm: {"scores": {lr: final validation NDCG@20}, "chosen": lr}}, the highest score winning
-    (ties: the smaller lr, the smaller step)."""
-    out = {}
-    for arm in selected_arms(cfg):
-        scores = {}
-        for lr in sorted(cfg.select_rl_lrs):
-            log = selection_dir(cfg, arm.name, lr) / "log.jsonl"
-            values = [r["val_ndcg@20"] for r in read_jsonl_tolerant(log) if "val_ndcg@20" in r] if log.is_file() else []
-            if not values:
-                raise SystemExit(f"error: {log}: no validation NDCG@20 logged (is --eval-every 0?)")
-            scores[lr] = values[-1]
+    """{arm: {"scores": {lr: validation NDCG@20}, "chosen": lr}} for every selection arm, the highest
+    score winning (ties: the smaller lr, the smaller step), and {arm: {"from": source, "chosen": lr}}
+    for the selected arms that take their source's rate."""
+    out: dict[str, dict] = {}
+    for arm in selection_arms(cfg):
+        scores = {lr: validation_ndcg(selection_dir(cfg, arm.name, lr) / "val_eval" / "results.json")
+                  for lr in sorted(cfg.select_rl_lrs)}
         best = max(scores, key=lambda lr: (scores[lr], -lr))
         out[arm.name] = {"scores": {f"{k:g}": v for k, v in scores.items()}, "chosen": best}
+    for arm in selected_arms(cfg):
+        if arm.name not in out:
+            out[arm.name] = {"from": lr_source(arm.name), "chosen": out[lr_source(arm.name)]["chosen"]}
     return out
+
+
+def reuse_selection_runs(cfg: PaperTablesConfig, selection: Mapping[str, dict]) -> None:
+    """The main seed's run of a selection arm is its selection run at the chosen rate (same command
+    but for --out): OUT/rl/<arm> becomes a link to it instead of a second, identical training."""
+    for arm in selected_arms(cfg):
+        sel = selection[arm.name]
+        if "scores" not in sel:
+            continue
+        link = Path(cfg.out) / "rl" / arm.name
+        target = selection_dir(cfg, arm.name, sel["chosen"]).resolve()
+        if link.is_symlink() and link.resolve() == target:
+            continue
+        if link.exists() or link.is_symlink():
+            raise SystemExit(f"error: {link} exists but is not the selection run {target}; delete it to go on")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("..", *([".."] * (len(Path(arm.name).parts) - 1)), "select", arm.name,
+                             f"lr{sel['chosen']:g}"))
+
+
+def decoding_tasks(cfg: PaperTablesConfig) -> list[Task]:
+    """The full-RRA SFT run and every selected RL arm started from SFT, at the main seed, scored on
+    validation in both decodings (OUT/val_eval/): what chooses the report's decoding."""
+    out = Path(cfg.out)
+    runs = [("sft/full", out / "sft" / "full" / "final")]
+    runs += [(f"rl/{a.name}", out / "rl" / a.name / "final") for a in selected_arms(cfg) if a.start != "world"]
+    return [validation_eval(cfg, f"val/{mode}{name}", model, out / "val_eval" / f"{mode}{name}", bool(mode), name)
+            for name, model in runs for mode in ("", CONSTRAINED)]
+
+
+def choose_decoding(cfg: PaperTablesConfig) -> dict:
+    """{"scores": {"paper": mean validation NDCG@20, "no_repeats": ...}, "runs": [...], "chosen": ...}:
+    the decoding with the higher mean validation NDCG@20 over the runs of ``decoding_tasks`` (ties:
+    the paper's). It does not favour an arm: every run started from SFT counts once, SFT too."""
+    out = Path(cfg.out)
+    names = sorted({t.name.removeprefix("val/").removeprefix(CONSTRAINED) for t in decoding_tasks(cfg)})
+    scores = {mode: float(np.mean([validation_ndcg(out / "val_eval" / f"{prefix}{n}" / "results.json")
+                                   for n in names]))
+              for mode, prefix in (("paper", ""), ("no_repeats", CONSTRAINED))}
+    chosen = "no_repeats" if scores["no_repeats"] > scores["paper"] else "paper"
+    return {"scores": scores, "runs": names, "chosen": chosen}
 
 
 def selected_arms(cfg: PaperTablesConfig) -> list[Arm]:
@@ -837,6 +924,44 @@ def seed_level_cell(c: dict) -> str:
             + (" **(shown)**" if c["holm"]["rejected"] and t["mean"] > 0 else ""))
 
 
+def selection_section(cfg: PaperTablesConfig, label: Mapping[str, str]) -> list[str]:
+    """The report's "Settings chosen on validation": OUT/selection.json as tables."""
+    path = Path(cfg.out) / "selection.json"
+    if not path.is_file():
+        return ["## Settings chosen on validation", "",
+                "None: this run chose no setting (--select-rl-lrs empty, --no-constrained-eval).", ""]
+    selection = json.loads(path.read_text(encoding="utf-8"))
+    n_val = json.loads(next((Path(cfg.out) / "val_eval").rglob("results.json")).read_text())["n_examples"] \
+        if (Path(cfg.out) / "val_eval").is_dir() else cfg.n_validation
+    md = ["## Settings chosen on validation", "",
+          f"Chosen before any test conversation was scored, on the {n_val} validation conversations (greedy "
+          "NDCG@20); the test set is scored once per final checkpoint, after every choice below is written to "
+          "OUT/selection.json.", ""]
+    rl = selection.get("rl_lr", {})
+    if rl:
+        lrs = sorted({k for sel in rl.values() for k in sel.get("scores", {})}, key=float)
+        md += [f"**Learning rate per arm.** Each arm judged at every seed was trained at seed {cfg.seed} at each "
+               "rate (OUT/select/) and its final checkpoint scored on validation in the decoding it was trained "
+               "in; the highest wins, is used at every seed, and its run is the main seed's run. An arm not "
+               "judged at every seed takes the rate chosen for the arm named in its row.", "",
+               "| arm | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |",
+               "|---|" + "---|" * (len(lrs) + 1)]
+        for arm, sel in rl.items():
+            cells = ([f"{sel['scores'][lr]:.4f}" if lr in sel["scores"] else "–" for lr in lrs]
+                     if "scores" in sel else [f"as {sel['from']}"] + [""] * (len(lrs) - 1))
+            md.append(f"| {label.get('rl/' + arm, arm)} | " + " | ".join(cells) + f" | {sel['chosen']:g} |")
+        md.append("")
+    dec = selection.get("decoding")
+    if dec:
+        names = {"paper": "the paper's protocol", "no_repeats": "no repeats"}
+        md += [f"**Decoding.** Mean validation NDCG@20 over {len(dec['runs'])} runs at seed {cfg.seed} (the "
+               "full-RRA SFT run and every RL arm started from it, each counted once): "
+               + ", ".join(f"{names[m]} {v:.4f}" for m, v in dec["scores"].items())
+               + f". Chosen: **{names[dec['chosen']]}**; the claims in that decoding are the report's headline.",
+               ""]
+    return md
+
+
 def build_report(cfg: PaperTablesConfig) -> str:
     out, res_dir = Path(cfg.out), Path(cfg.results)
     res_dir.mkdir(parents=True, exist_ok=True)
@@ -871,20 +996,7 @@ def build_report(cfg: PaperTablesConfig) -> str:
           f"{cfg.prompts_per_step} prompts × G = {cfg.group_size} at lr {cfg.rl_lr:g}, β = {cfg.beta:g}, up to "
           f"{cfg.max_new_tokens} tokens; training seed {cfg.seed}"
           + (f" (+{cfg.replicates} replicate seed(s))" if cfg.replicates else "") + ".", ""]
-    selection_path = out / "selection.json"
-    if selection_path.is_file():
-        selection = json.loads(selection_path.read_text(encoding="utf-8"))
-        lrs = sorted({k for sel in selection.values() for k in sel["scores"]}, key=float)
-        md += ["## Settings chosen on validation", "",
-               f"Each RL arm's learning rate was chosen before any test score: the arm trained at seed {cfg.seed} "
-               "at each rate (runs in OUT/select/), scored by greedy NDCG@20 on the "
-               f"{cfg.val_examples} validation conversations at its last round; the highest wins and is used at "
-               "every seed. Final validation NDCG@20:", "",
-               "| arm | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |",
-               "|---|" + "---|" * (len(lrs) + 1)]
-        md += [f"| {label.get('rl/' + arm, arm)} | " + " | ".join(
-               f"{sel['scores'][lr]:.4f}" if lr in sel["scores"] else "–" for lr in lrs) + f" | {sel['chosen']:g} |"
-               for arm, sel in selection.items()] + [""]
+    md += selection_section(cfg, label)
     md += ["## Table 1 analogue: on-policy RL (μ = 1)", "",
            table(rows(["popularity", "teacher", "oracle", "base", sft, "rl/on/grpo", "rl/on/rank_grpo_log",
                        "rl/on/rank_grpo_exp_inf"])),
@@ -1073,9 +1185,16 @@ def main(argv=None) -> int:
         if cfg.select_rl_lrs:  # chosen on validation before any test evaluation runs
             run_tasks(selection_tasks(cfg), cfg)
             selection = choose_rl_lrs(cfg)
-            atomic_write_json(Path(cfg.out) / "selection.json", selection)
+            reuse_selection_runs(cfg, selection)
             rl_lrs = {arm: sel["chosen"] for arm, sel in selection.items()}
-        run_tasks(plan(cfg, rl_lrs), cfg)
+            atomic_write_json(Path(cfg.out) / "selection.json", {"rl_lr": selection})
+        tasks = plan(cfg, rl_lrs)
+        if cfg.constrained_eval:  # the report's decoding, chosen on validation before any test evaluation
+            run_tasks([t for t in tasks if not t.name.startswith("eval/")] + decoding_tasks(cfg), cfg)
+            path = Path(cfg.out) / "selection.json"
+            chosen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            atomic_write_json(path, chosen | {"decoding": choose_decoding(cfg)})
+        run_tasks(tasks, cfg)
     text = build_report(cfg)
     print(text)
     print(f"\nwrote {cfg.results}/paper_tables.md, summary.json and PNGs; {time.time() - t0:.0f}s in all")

@@ -67,12 +67,13 @@ def test_plan_is_a_dag_in_priority_order_with_equal_settings_for_every_arm():
               "micro_batch_size"]:
         assert len({getattr(c, f) for c in resolved}) == 1, f
     assert {(c.algo, c.reward, c.mu) for c in resolved} == {(a.algo, a.reward, a.mu) for a in pt.RL_ARMS}
-    # the arms trained under the no-repeat constraint differ from their on-policy twins by --constrained alone
+    # the arms trained under the no-repeat constraint differ from their on-policy twins by the decoding alone,
+    # the one their no-repeat evaluation scores: no film twice, films the user named allowed
     for arm in ("grpo", "rank_grpo_exp_inf"):
         con, on = (next(resolve(t) for t in rl if t.name == f"rl/{kind}/{arm}") for kind in ("con", "on"))
-        assert con.constrained and not on.constrained
-        assert {k: v for k, v in vars(con).items() if k not in ("constrained", "out")} == \
-            {k: v for k, v in vars(on).items() if k not in ("constrained", "out")}
+        assert con.constrained and not on.constrained and not con.exclude_seen
+        assert {k: v for k, v in vars(con).items() if k not in ("constrained", "exclude_seen", "out")} == \
+            {k: v for k, v in vars(on).items() if k not in ("constrained", "exclude_seen", "out")}
     assert {flag(t, "--model") for t in rl if "r1zero" not in t.name} == {str(Path("OUT/sft/full/final"))}
     r1 = next(t for t in rl if "r1zero" in t.name)
     assert flag(r1, "--model") == str(Path("OUT/world/base_model"))
@@ -248,7 +249,7 @@ def test_without_matplotlib_the_run_warns_before_any_work_and_writes_tables_only
     monkeypatch.setattr(pt, "build_report", lambda cfg: "report")
     monkeypatch.setattr(pt, "save_config", lambda *a, **k: None)
     monkeypatch.setattr(pt.Path, "mkdir", lambda *a, **k: None)
-    assert pt.main(["--out", "OUT", "--quick"]) == 0
+    assert pt.main(["--out", "OUT", "--quick", "--select-rl-lrs", "--no-constrained-eval"]) == 0
     assert seen == {"figures": False}
     assert "matplotlib is not installed" in capsys.readouterr().err
 
@@ -258,12 +259,12 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, monkey
     ran = []
     monkeypatch.setattr(pt, "run_tasks", lambda tasks, cfg: ran.append(cfg.sft_steps))
     monkeypatch.setattr(pt, "build_report", lambda cfg: "report")
-    argv = ["--out", str(out), "--no-figures", "--sft-steps", "100"]
+    argv = ["--out", str(out), "--no-figures", "--sft-steps", "100", "--select-rl-lrs", "--no-constrained-eval"]
     assert pt.main(argv) == 0 and ran == [100]
     # another selection of arms, jobs or replicates is fine: they choose runs, not their contents
     assert pt.main(argv + ["--jobs", "1", "--arms", "on/grpo", "--replicates", "0"]) == 0 and ran == [100, 100]
     with pytest.raises(SystemExit, match=r"other settings \(sft_steps: 100 -> 200\)"):
-        pt.main(["--out", str(out), "--no-figures", "--sft-steps", "200"])
+        pt.main(argv[:-3] + ["200"] + argv[-2:])
     with pytest.raises(SystemExit, match="rl_lr"):
         pt.main(argv + ["--rl-lr", "1e-3"])
     assert ran == [100, 100]
@@ -373,9 +374,14 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
     monkeypatch.setattr(pt, "baselines", lambda out: (
         {n: base for n, _, _ in pt.BASELINES}, {n: {r["id"]: r for r in rows(0.05)} for n, _, _ in pt.BASELINES}))
     (tmp_path / "selection.json").write_text(json.dumps(
-        {"on/grpo": {"scores": {"3e-05": 0.3, "0.0001": 0.31}, "chosen": 1e-4}}))
+        {"rl_lr": {"on/grpo": {"scores": {"3e-05": 0.3, "0.0001": 0.31}, "chosen": 1e-4},
+                   "off/gspo": {"from": "on/grpo", "chosen": 1e-4}},
+         "decoding": {"scores": {"paper": 0.2, "no_repeats": 0.25}, "runs": ["sft/full", "rl/on/grpo"],
+                      "chosen": "no_repeats"}}))
     text = pt.build_report(cfg)
     assert "## Settings chosen on validation" in text and "| + SFT + Vanilla GRPO | 0.3000 | 0.3100 | 0.0001 |" in text
+    assert "| + SFT + GSPO (μ=2) | as on/grpo |  | 0.0001 |" in text
+    assert "the paper's protocol 0.2000, no repeats 0.2500. Chosen: **no repeats**" in text
     assert "## Every run at every training seed" in text and "SFT beats the popularity floor" in text
     claim = next(line for line in text.splitlines() if line.startswith("| off-policy: Rank-GRPO (exp∞) > GRPO"))
     assert ("not judged" in claim) == (replicate == "core")
@@ -394,6 +400,11 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
     assert "| 3409 | +0.0000 (+0.0 to +0.0 SE) |" in text  # rank_hits are equal in every synthetic run
 
 
+def _validation_result(path, ndcg):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps({"n_examples": 300, "ndcg@20": {"mean": ndcg}}))
+
+
 def test_rl_learning_rates_are_chosen_on_validation_before_any_test_score(tmp_path):
     cfg = _cfg("--out", str(tmp_path), "--select-rl-lrs", "3e-5", "1e-4", "--replicates", "1")
     tasks = pt.selection_tasks(cfg)
@@ -401,25 +412,60 @@ def test_rl_learning_rates_are_chosen_on_validation_before_any_test_score(tmp_pa
     assert names[:3] == ["world", "demos/full", "sft/full"]
     assert not any(n.startswith("eval/") for n in names)  # selection never scores test
     assert not any("test.jsonl" in " ".join(t.cmd) for t in tasks)
+    # the arms judged at every seed are trained at each rate; the others take their counterpart's
+    assert [a.name for a in pt.selection_arms(cfg)] == list(pt.REPLICATED_RL)
+    assert {pt.lr_source(a.name) for a in pt.RL_ARMS} == set(pt.REPLICATED_RL)
     main = {t.name: t for t in pt.plan(cfg)}
-    for arm in pt.RL_ARMS:
+    for arm in pt.selection_arms(cfg):
         for lr in ("3e-05", "0.0001"):
             t = next(t for t in tasks if t.name == f"select/{arm.name}/lr{float(lr):g}")
             ref = main[f"rl/{arm.name}"]
             differ = {t.cmd[i - 1] for i, (x, y) in enumerate(zip(t.cmd, ref.cmd)) if x != y}
-            assert differ <= {"--out", "--lr"} and resolve(t).lr == float(lr)
-            assert resolve(t).eval_every > 0 and t.deps == ref.deps  # a validation curve, the arm's start
-    # the choice: highest final validation NDCG@20; a tie goes to the smaller rate
-    for arm in pt.RL_ARMS:
+            assert differ <= {"--out", "--lr"} and resolve(t).lr == float(lr) and t.deps == ref.deps
+            val = next(v for v in tasks if v.name == f"{t.name}/val")
+            ev = resolve(val)
+            assert val.deps == [t.name] and Path(ev.data).name == "validation.jsonl" and ev.limit == 0
+            assert ev.constrained == arm.constrained  # scored in the decoding it was trained in
+    # the choice: highest validation NDCG@20; a tie goes to the smaller rate
+    for arm in pt.selection_arms(cfg):
         for lr, v in ((3e-5, 0.30), (1e-4, 0.31 if arm.name == "on/grpo" else 0.30)):
             run = pt.selection_dir(cfg, arm.name, lr)
-            run.mkdir(parents=True)
-            (run / "log.jsonl").write_text(json.dumps({"step": 15, "val_ndcg@20": 0.9}) + "\n"
-                                           + json.dumps({"step": 30, "val_ndcg@20": v}) + "\n")
+            _validation_result(run / "val_eval", v)
+            (run / "final").mkdir(parents=True)
     chosen = pt.choose_rl_lrs(cfg)
-    assert chosen["on/grpo"]["chosen"] == 1e-4 and chosen["off/gspo"]["chosen"] == 3e-5
-    assert chosen["on/grpo"]["scores"] == {"3e-05": 0.30, "0.0001": 0.31}
+    assert chosen["on/grpo"] == {"scores": {"3e-05": 0.30, "0.0001": 0.31}, "chosen": 1e-4}
+    assert chosen["off/gspo"] == {"from": "on/grpo", "chosen": 1e-4}
+    assert chosen["on/rank_grpo_exp_inf"]["chosen"] == chosen["r1zero/rank_grpo_exp_inf"]["chosen"] == 3e-5
     # every seed of an arm trains at its chosen rate
     planned = {t.name: t for t in pt.plan(cfg, {a: c["chosen"] for a, c in chosen.items()})}
     assert resolve(planned["rl/on/grpo"]).lr == resolve(planned["rl/seed3408/on/grpo"]).lr == 1e-4
-    assert resolve(planned["rl/on/rank_grpo_exp_inf"]).lr == 3e-5
+    assert resolve(planned["rl/off/gspo"]).lr == 1e-4 and resolve(planned["rl/on/rank_grpo_exp_inf"]).lr == 3e-5
+    # the main seed's run of a selection arm is its selection run at the chosen rate, not a second training
+    pt.reuse_selection_runs(cfg, chosen)
+    link = tmp_path / "rl" / "on" / "grpo"
+    assert link.is_symlink() and link.resolve() == pt.selection_dir(cfg, "on/grpo", 1e-4).resolve()
+    pt.reuse_selection_runs(cfg, chosen)  # a rerun keeps it
+    assert not (tmp_path / "rl" / "off" / "gspo").exists()  # trained at its own seed and arm
+    link.unlink()
+    (tmp_path / "rl" / "on" / "grpo").mkdir()
+    with pytest.raises(SystemExit, match="is not the selection run"):
+        pt.reuse_selection_runs(cfg, chosen)
+
+
+def test_the_decoding_is_chosen_on_validation_by_every_run_started_from_sft(tmp_path):
+    cfg = _cfg("--out", str(tmp_path), "--arms", "on/grpo", "on/rank_grpo_exp_inf", "r1zero/rank_grpo_exp_inf")
+    tasks = pt.decoding_tasks(cfg)
+    assert sorted(t.name for t in tasks) == sorted(f"val/{m}{n}" for m in ("", pt.CONSTRAINED) for n in (
+        "sft/full", "rl/on/grpo", "rl/on/rank_grpo_exp_inf"))  # R1-zero has no SFT start: not counted
+    for t in tasks:
+        ev = resolve(t)
+        assert Path(ev.data).name == "validation.jsonl" and ev.constrained == ("constrained/" in t.name)
+    # the higher mean wins: here the no-repeat decoding, by 0.01 on average over the three runs
+    for n, (paper, no_rep) in {"sft/full": (0.30, 0.33), "rl/on/grpo": (0.32, 0.32),
+                               "rl/on/rank_grpo_exp_inf": (0.34, 0.34)}.items():
+        _validation_result(tmp_path / "val_eval" / n, paper)
+        _validation_result(tmp_path / "val_eval" / pt.CONSTRAINED / n, no_rep)
+    dec = pt.choose_decoding(cfg)
+    assert dec["chosen"] == "no_repeats" and dec["scores"]["no_repeats"] - dec["scores"]["paper"] == pytest.approx(0.01)
+    _validation_result(tmp_path / "val_eval" / pt.CONSTRAINED / "sft/full", 0.30)  # a tie: the paper's protocol
+    assert pt.choose_decoding(cfg)["chosen"] == "paper"
