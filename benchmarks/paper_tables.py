@@ -60,6 +60,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rankgrpo import report_blocks
 from rankgrpo.config import arg, parse_config, save_config, to_flags
 from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from rankgrpo.evaluation import prompt_clusters
@@ -140,9 +141,16 @@ class PaperTablesConfig:
     select_rl_lrs: list[float] = arg([RL["lr"], 3 * RL["lr"]],
                                      "Choose learning rates on validation before any test score: each arm judged "
                                      "at every seed (and the on-policy counterparts of the others, LR_SOURCE) is "
-                                     "trained at the main seed at each of these (OUT/select/) and scored on every "
-                                     "validation conversation; the highest NDCG@20 wins, at every seed, and the run "
-                                     "at the chosen rate is the main seed's run. Empty: every arm at --rl-lr.")
+                                     "trained at the main seed at each of these and each --select-group-shapes "
+                                     "(OUT/select/) and scored on every validation conversation; the highest "
+                                     "NDCG@20 wins, at every seed, and the run it chose is the main seed's run. "
+                                     "Empty: no selection, every arm at --rl-lr and --group-size x "
+                                     "--prompts-per-step.")
+    select_group_shapes: list[str] = arg([f"{RL['group_size']}x{RL['prompts_per_step']}",
+                                          f"{2 * RL['group_size']}x{RL['prompts_per_step'] // 2}"],
+                                         "Group shapes 'GxP' (G completions for each of P prompts a round) tried "
+                                         "with every --select-rl-lrs: the same completions a round, and a larger "
+                                         "G leaves fewer (prompt, rank) groups whose G rewards are all equal.")
     constrained_eval: bool = arg(True, "Also score every SFT run and every RL run started from SFT, at every "
                                        "seed, with greedy lists that cannot repeat a film (evaluate.py --constrained "
                                        "--no-exclude-seen; these students are already in catalog, so the ban "
@@ -249,7 +257,7 @@ def differing(defaults: Mapping[str, Any], values: dict[str, Any]) -> list[str]:
     return to_flags({k: v for k, v in values.items() if k not in defaults or defaults[k] != v})
 
 
-def plan(cfg: PaperTablesConfig, rl_lrs: Mapping[str, float] | None = None) -> list[Task]:
+def plan(cfg: PaperTablesConfig, chosen: Mapping[str, Mapping[str, Any]] | None = None) -> list[Task]:
     """Every stage as a task, in priority order (the critical path and the long RL arms first).
 
     Every script runs at its sandbox preset (rankgrpo/sandbox/settings.py): a command names its
@@ -293,7 +301,8 @@ def plan(cfg: PaperTablesConfig, rl_lrs: Mapping[str, float] | None = None) -> l
             py, "train_rankgrpo.py", "--model", str(start), "--data", data["train"], "--val-data", data["val"],
             "--catalog", data["catalog"], "--out", str(run), "--algo", arm.algo, "--reward", arm.reward,
             "--mu", str(arm.mu), "--seed", str(cfg.seed + arm.seed_offset),
-            *differing(RL, rl_values | {"lr": (rl_lrs or {}).get(base_arm(arm.name), cfg.rl_lr)}),
+            *differing(RL, rl_values | {k: v for k, v in (chosen or {}).get(base_arm(arm.name), {}).items()
+                                        if k in SELECTED_FIELDS}),
             # trained in the decoding the no-repeat evaluation scores: no film twice (seen films allowed)
             *(["--constrained", "--no-exclude-seen"] if arm.constrained else []), "--resume"],
             run / "final" / "config.json", ["world" if arm.start == "world" else arm.start]))
@@ -338,25 +347,55 @@ def selection_arms(cfg: PaperTablesConfig) -> list[Arm]:
     return [a for a in RL_ARMS if a.name in wanted]
 
 
+# What the selection chooses per arm: train_rankgrpo.py fields
+SELECTED_FIELDS = ("lr", "group_size", "prompts_per_step")
+
+
+def group_shape(text: str) -> tuple[int, int]:
+    """'16x4' -> (G, prompts) = (16, 4).
+
+    >>> group_shape("16x4")
+    (16, 4)
+    """
+    try:
+        g, p = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"error: group shape {text!r} is not GxP (e.g. 16x4)") from None
+    return g, p
+
+
+def candidates(cfg: PaperTablesConfig) -> list[dict[str, Any]]:
+    """Every setting the selection tries: {lr, group_size, prompts_per_step} for each rate x shape."""
+    shapes = cfg.select_group_shapes or [f"{cfg.group_size}x{cfg.prompts_per_step}"]
+    return [{"lr": lr, "group_size": group_shape(sh)[0], "prompts_per_step": group_shape(sh)[1]}
+            for lr in sorted(cfg.select_rl_lrs) for sh in shapes]
+
+
+def candidate_name(c: Mapping[str, Any]) -> str:
+    """The run directory name of a candidate: 'lr0.0001_g16x4'."""
+    return f"lr{c['lr']:g}_g{c['group_size']}x{c['prompts_per_step']}"
+
+
 def selection_tasks(cfg: PaperTablesConfig) -> list[Task]:
-    """Every selection arm at the main seed at each lr of ``select_rl_lrs`` (OUT/select/), then its
-    final checkpoint scored on every validation conversation in the decoding it was trained in;
+    """Every selection arm at the main seed at each candidate of ``candidates`` (OUT/select/), then
+    its final checkpoint scored on every validation conversation in the decoding it was trained in;
     never on test. What they need (world, full-RRA SFT) comes first."""
     everything = plan(replace(cfg, arms=[a.name for a in selection_arms(cfg)]))
     tasks = {t.name: t for t in everything}
     out = [tasks[n] for n in ("world", "demos/full", "sft/full")]
-    world = Path(cfg.out) / "world"
     for arm in selection_arms(cfg):
-        for lr in cfg.select_rl_lrs:
-            t = tasks[f"rl/{arm.name}"]
-            run = selection_dir(cfg, arm.name, lr)
+        t = tasks[f"rl/{arm.name}"]
+        for c in candidates(cfg):
+            run = selection_dir(cfg, arm.name, c)
             cmd = list(t.cmd)
             cmd[cmd.index("--out") + 1] = str(run)
-            if "--lr" in cmd:
-                cmd[cmd.index("--lr") + 1] = f"{lr:g}"
-            else:
-                cmd += ["--lr", f"{lr:g}"]
-            name = f"select/{arm.name}/lr{lr:g}"
+            for field, value in c.items():
+                flag = "--" + field.replace("_", "-")
+                if flag in cmd:
+                    cmd[cmd.index(flag) + 1] = f"{value:g}"
+                else:
+                    cmd += [flag, f"{value:g}"]
+            name = f"select/{arm.name}/{candidate_name(c)}"
             out.append(Task(name, cmd, run / "final" / "config.json", t.deps))
             out.append(validation_eval(cfg, f"{name}/val", run / "final", run / "val_eval", arm.constrained, name))
     return out
@@ -374,8 +413,8 @@ def validation_eval(cfg: PaperTablesConfig, name: str, model: Path, dest: Path, 
                 dest / "results.json", [dep])
 
 
-def selection_dir(cfg: PaperTablesConfig, arm: str, lr: float) -> Path:
-    return Path(cfg.out) / "select" / arm / f"lr{lr:g}"
+def selection_dir(cfg: PaperTablesConfig, arm: str, candidate: Mapping[str, Any]) -> Path:
+    return Path(cfg.out) / "select" / arm / candidate_name(candidate)
 
 
 def validation_ndcg(path: Path) -> float:
@@ -383,16 +422,17 @@ def validation_ndcg(path: Path) -> float:
     return json.loads(path.read_text(encoding="utf-8"))["ndcg@20"]["mean"]
 
 
-def choose_rl_lrs(cfg: PaperTablesConfig) -> dict[str, dict]:
-    """{arm: {"scores": {lr: validation NDCG@20}, "chosen": lr}} for every selection arm, the highest
-    score winning (ties: the smaller lr, the smaller step), and {arm: {"from": source, "chosen": lr}}
-    for the selected arms that take their source's rate."""
+def choose_rl_settings(cfg: PaperTablesConfig) -> dict[str, dict]:
+    """{arm: {"scores": {candidate name: validation NDCG@20}, "chosen": {lr, group_size,
+    prompts_per_step}}} for every selection arm, the highest score winning (ties: the earlier
+    candidate, i.e. the smaller lr, then the first shape), and {arm: {"from": source, "chosen": ...}}
+    for the selected arms that take their source's settings."""
     out: dict[str, dict] = {}
     for arm in selection_arms(cfg):
-        scores = {lr: validation_ndcg(selection_dir(cfg, arm.name, lr) / "val_eval" / "results.json")
-                  for lr in sorted(cfg.select_rl_lrs)}
-        best = max(scores, key=lambda lr: (scores[lr], -lr))
-        out[arm.name] = {"scores": {f"{k:g}": v for k, v in scores.items()}, "chosen": best}
+        cands = candidates(cfg)
+        scores = [validation_ndcg(selection_dir(cfg, arm.name, c) / "val_eval" / "results.json") for c in cands]
+        best = max(range(len(cands)), key=lambda i: (scores[i], -i))
+        out[arm.name] = {"scores": {candidate_name(c): v for c, v in zip(cands, scores)}, "chosen": cands[best]}
     for arm in selected_arms(cfg):
         if arm.name not in out:
             out[arm.name] = {"from": lr_source(arm.name), "chosen": out[lr_source(arm.name)]["chosen"]}
@@ -400,8 +440,8 @@ def choose_rl_lrs(cfg: PaperTablesConfig) -> dict[str, dict]:
 
 
 def reuse_selection_runs(cfg: PaperTablesConfig, selection: Mapping[str, dict]) -> None:
-    """The main seed's run of a selection arm is its selection run at the chosen rate (same command
-    but for --out): OUT/rl/<arm> becomes a link to it instead of a second, identical training."""
+    """The main seed's run of a selection arm is its selection run of the chosen settings (the same
+    command but for --out): OUT/rl/<arm> becomes a link to it instead of a second, identical training."""
     for arm in selected_arms(cfg):
         sel = selection[arm.name]
         if "scores" not in sel:
@@ -414,7 +454,7 @@ def reuse_selection_runs(cfg: PaperTablesConfig, selection: Mapping[str, dict]) 
             raise SystemExit(f"error: {link} exists but is not the selection run {target}; delete it to go on")
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(Path("..", *([".."] * (len(Path(arm.name).parts) - 1)), "select", arm.name,
-                             f"lr{sel['chosen']:g}"))
+                             candidate_name(sel["chosen"])))
 
 
 def decoding_tasks(cfg: PaperTablesConfig) -> list[Task]:
@@ -937,19 +977,21 @@ def selection_section(cfg: PaperTablesConfig, label: Mapping[str, str]) -> list[
           f"Chosen before any test conversation was scored, on the {n_val} validation conversations (greedy "
           "NDCG@20); the test set is scored once per final checkpoint, after every choice below is written to "
           "OUT/selection.json.", ""]
-    rl = selection.get("rl_lr", {})
+    rl = selection.get("rl", {})
     if rl:
-        lrs = sorted({k for sel in rl.values() for k in sel.get("scores", {})}, key=float)
-        md += [f"**Learning rate per arm.** Each arm judged at every seed was trained at seed {cfg.seed} at each "
-               "rate (OUT/select/) and its final checkpoint scored on validation in the decoding it was trained "
-               "in; the highest wins, is used at every seed, and its run is the main seed's run. An arm not "
-               "judged at every seed takes the rate chosen for the arm named in its row.", "",
-               "| arm | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |",
-               "|---|" + "---|" * (len(lrs) + 1)]
+        names = [n for n in next(sel["scores"] for sel in rl.values() if "scores" in sel)]
+        md += [f"**RL learning rate and group shape per arm.** Each arm judged at every seed was trained at seed "
+               f"{cfg.seed} with every rate × shape below (OUT/select/; `g16x4` is G = 16 completions for each of "
+               "4 prompts a round, the same completions as 8 × 8) and its final checkpoint scored on validation "
+               "in the decoding it was trained in; the highest wins, is used at every seed, and its run is the "
+               "main seed's run. An arm not judged at every seed takes the settings chosen for the arm named "
+               "in its row. Validation NDCG@20:", "",
+               "| arm | " + " | ".join(names) + " | chosen |", "|---|" + "---|" * (len(names) + 1)]
         for arm, sel in rl.items():
-            cells = ([f"{sel['scores'][lr]:.4f}" if lr in sel["scores"] else "–" for lr in lrs]
-                     if "scores" in sel else [f"as {sel['from']}"] + [""] * (len(lrs) - 1))
-            md.append(f"| {label.get('rl/' + arm, arm)} | " + " | ".join(cells) + f" | {sel['chosen']:g} |")
+            cells = ([f"{sel['scores'][n]:.4f}" for n in names] if "scores" in sel
+                     else [f"as {sel['from']}"] + [""] * (len(names) - 1))
+            md.append(f"| {label.get('rl/' + arm, arm)} | " + " | ".join(cells)
+                      + f" | {candidate_name(sel['chosen'])} |")
         md.append("")
     dec = selection.get("decoding")
     if dec:
@@ -1141,6 +1183,8 @@ def build_report(cfg: PaperTablesConfig) -> str:
                f"{sum(stage_times.values()):.0f} |", ""]
     text = "\n".join(md)
     atomic_write_text(res_dir / "paper_tables.md", text)
+    if (res_dir / "REPORT.md").is_file():  # the hand-written report's tables, regenerated from these outputs
+        report_blocks.main([str(res_dir / "REPORT.md")])
     atomic_write_json(res_dir / "summary.json", {
         "config": vars(cfg), "results": {n: {k: v for k, v in a.items() if k != "rank_hit_rate"} | {
             "rank_hit_rate": a.get("rank_hit_rate")} for n, a in agg.items()},
@@ -1181,14 +1225,14 @@ def main(argv=None) -> int:
     if not cfg.report_only:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.out, "paper_tables_config.json")
-        rl_lrs = None
+        chosen = None
         if cfg.select_rl_lrs:  # chosen on validation before any test evaluation runs
             run_tasks(selection_tasks(cfg), cfg)
-            selection = choose_rl_lrs(cfg)
+            selection = choose_rl_settings(cfg)
             reuse_selection_runs(cfg, selection)
-            rl_lrs = {arm: sel["chosen"] for arm, sel in selection.items()}
-            atomic_write_json(Path(cfg.out) / "selection.json", {"rl_lr": selection})
-        tasks = plan(cfg, rl_lrs)
+            chosen = {arm: sel["chosen"] for arm, sel in selection.items()}
+            atomic_write_json(Path(cfg.out) / "selection.json", {"rl": selection})
+        tasks = plan(cfg, chosen)
         if cfg.constrained_eval:  # the report's decoding, chosen on validation before any test evaluation
             run_tasks([t for t in tasks if not t.name.startswith("eval/")] + decoding_tasks(cfg), cfg)
             path = Path(cfg.out) / "selection.json"

@@ -36,3 +36,30 @@ def test_an_invented_figure_is_caught(tmp_path):
     doc.write_text("# T\n\n## Results\n\nall sourced: 0.42, 0.4243, −0.010.\n\n## Next\n\n0.9999\n")
     assert check_report.unsourced(doc, "## Results", out) == []
     assert check_report.main([str(doc), "--outputs", str(out)]) == 1  # 0.9999 in the whole document
+
+
+from rankgrpo import report_blocks  # noqa: E402
+
+
+def test_the_reports_generated_tables_are_those_of_the_committed_outputs():
+    report = ROOT / "benchmarks" / "results" / "REPORT.md"
+    text = report.read_text(encoding="utf-8")
+    assert report_blocks.BLOCK.search(text), "REPORT.md has no generated block"
+    assert report_blocks.render(text, report.parent) == text, \
+        "REPORT.md's generated blocks are stale: python -m rankgrpo.report_blocks benchmarks/results/REPORT.md"
+
+
+def test_a_block_is_replaced_by_its_source_section_and_a_stale_one_is_caught(tmp_path):
+    (tmp_path / "tables.md").write_text("# T\nintro\n## Table 1\n| a | 0.5000 |\n\n### note\nx\n## Table 2\n| b |\n")
+    doc = ('prose 1\n<!-- generated from tables.md "## Table 1" -->\nold\n<!-- end generated -->\nprose 2\n'
+           '<!-- generated from tables.md -->\n<!-- end generated -->\n')
+    new = report_blocks.render(doc, tmp_path)
+    assert new.startswith('prose 1\n<!-- generated from tables.md "## Table 1" -->\n| a | 0.5000 |\n\n### note\nx\n'
+                          '<!-- end generated -->\nprose 2\n')
+    assert "intro\n## Table 1" in new and report_blocks.render(new, tmp_path) == new
+    (tmp_path / "REPORT.md").write_text(doc)
+    assert report_blocks.main([str(tmp_path / "REPORT.md"), "--check"]) == 1
+    assert report_blocks.main([str(tmp_path / "REPORT.md")]) == 0
+    assert report_blocks.main([str(tmp_path / "REPORT.md"), "--check"]) == 0
+    with pytest.raises(SystemExit, match="no heading"):
+        report_blocks.render('<!-- generated from tables.md "## Table 9" -->\n<!-- end generated -->', tmp_path)

@@ -373,14 +373,15 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
     base = aggregate(rows(0.05))
     monkeypatch.setattr(pt, "baselines", lambda out: (
         {n: base for n, _, _ in pt.BASELINES}, {n: {r["id"]: r for r in rows(0.05)} for n, _, _ in pt.BASELINES}))
+    chosen = {"lr": 1e-4, "group_size": 8, "prompts_per_step": 8}
     (tmp_path / "selection.json").write_text(json.dumps(
-        {"rl_lr": {"on/grpo": {"scores": {"3e-05": 0.3, "0.0001": 0.31}, "chosen": 1e-4},
-                   "off/gspo": {"from": "on/grpo", "chosen": 1e-4}},
+        {"rl": {"on/grpo": {"scores": {"lr3e-05_g8x8": 0.3, "lr0.0001_g8x8": 0.31}, "chosen": chosen},
+                "off/gspo": {"from": "on/grpo", "chosen": chosen}},
          "decoding": {"scores": {"paper": 0.2, "no_repeats": 0.25}, "runs": ["sft/full", "rl/on/grpo"],
                       "chosen": "no_repeats"}}))
     text = pt.build_report(cfg)
-    assert "## Settings chosen on validation" in text and "| + SFT + Vanilla GRPO | 0.3000 | 0.3100 | 0.0001 |" in text
-    assert "| + SFT + GSPO (μ=2) | as on/grpo |  | 0.0001 |" in text
+    assert "## Settings chosen on validation" in text and "| + SFT + Vanilla GRPO | 0.3000 | 0.3100 | lr0.0001_g8x8 |" in text
+    assert "| + SFT + GSPO (μ=2) | as on/grpo |  | lr0.0001_g8x8 |" in text
     assert "the paper's protocol 0.2000, no repeats 0.2500. Chosen: **no repeats**" in text
     assert "## Every run at every training seed" in text and "SFT beats the popularity floor" in text
     claim = next(line for line in text.splitlines() if line.startswith("| off-policy: Rank-GRPO (exp∞) > GRPO"))
@@ -405,45 +406,55 @@ def _validation_result(path, ndcg):
     (path / "results.json").write_text(json.dumps({"n_examples": 300, "ndcg@20": {"mean": ndcg}}))
 
 
-def test_rl_learning_rates_are_chosen_on_validation_before_any_test_score(tmp_path):
-    cfg = _cfg("--out", str(tmp_path), "--select-rl-lrs", "3e-5", "1e-4", "--replicates", "1")
+def test_rl_settings_are_chosen_on_validation_before_any_test_score(tmp_path):
+    cfg = _cfg("--out", str(tmp_path), "--select-rl-lrs", "3e-5", "1e-4", "--select-group-shapes", "8x8", "16x4",
+               "--replicates", "1")
     tasks = pt.selection_tasks(cfg)
     names = [t.name for t in tasks]
     assert names[:3] == ["world", "demos/full", "sft/full"]
     assert not any(n.startswith("eval/") for n in names)  # selection never scores test
     assert not any("test.jsonl" in " ".join(t.cmd) for t in tasks)
-    # the arms judged at every seed are trained at each rate; the others take their counterpart's
+    # the arms judged at every seed are trained with each candidate; the others take their counterpart's
     assert [a.name for a in pt.selection_arms(cfg)] == list(pt.REPLICATED_RL)
     assert {pt.lr_source(a.name) for a in pt.RL_ARMS} == set(pt.REPLICATED_RL)
+    cands = pt.candidates(cfg)
+    assert [pt.candidate_name(c) for c in cands] == ["lr3e-05_g8x8", "lr3e-05_g16x4", "lr0.0001_g8x8",
+                                                     "lr0.0001_g16x4"]
     main = {t.name: t for t in pt.plan(cfg)}
     for arm in pt.selection_arms(cfg):
-        for lr in ("3e-05", "0.0001"):
-            t = next(t for t in tasks if t.name == f"select/{arm.name}/lr{float(lr):g}")
+        for c in cands:
+            t = next(t for t in tasks if t.name == f"select/{arm.name}/{pt.candidate_name(c)}")
             ref = main[f"rl/{arm.name}"]
             differ = {t.cmd[i - 1] for i, (x, y) in enumerate(zip(t.cmd, ref.cmd)) if x != y}
-            assert differ <= {"--out", "--lr"} and resolve(t).lr == float(lr) and t.deps == ref.deps
+            assert differ <= {"--out", "--lr", "--group-size", "--prompts-per-step"} and t.deps == ref.deps
+            got = resolve(t)
+            assert (got.lr, got.group_size, got.prompts_per_step) == (c["lr"], c["group_size"], c["prompts_per_step"])
+            assert got.group_size * got.prompts_per_step == 64  # the same completions a round
             val = next(v for v in tasks if v.name == f"{t.name}/val")
             ev = resolve(val)
             assert val.deps == [t.name] and Path(ev.data).name == "validation.jsonl" and ev.limit == 0
             assert ev.constrained == arm.constrained  # scored in the decoding it was trained in
-    # the choice: highest validation NDCG@20; a tie goes to the smaller rate
+    # the choice: highest validation NDCG@20; a tie goes to the earlier candidate (smaller rate, first shape)
     for arm in pt.selection_arms(cfg):
-        for lr, v in ((3e-5, 0.30), (1e-4, 0.31 if arm.name == "on/grpo" else 0.30)):
-            run = pt.selection_dir(cfg, arm.name, lr)
+        for c in cands:
+            v = 0.31 if arm.name == "on/grpo" and c == cands[3] else 0.30
+            run = pt.selection_dir(cfg, arm.name, c)
             _validation_result(run / "val_eval", v)
             (run / "final").mkdir(parents=True)
-    chosen = pt.choose_rl_lrs(cfg)
-    assert chosen["on/grpo"] == {"scores": {"3e-05": 0.30, "0.0001": 0.31}, "chosen": 1e-4}
-    assert chosen["off/gspo"] == {"from": "on/grpo", "chosen": 1e-4}
-    assert chosen["on/rank_grpo_exp_inf"]["chosen"] == chosen["r1zero/rank_grpo_exp_inf"]["chosen"] == 3e-5
-    # every seed of an arm trains at its chosen rate
-    planned = {t.name: t for t in pt.plan(cfg, {a: c["chosen"] for a, c in chosen.items()})}
-    assert resolve(planned["rl/on/grpo"]).lr == resolve(planned["rl/seed3408/on/grpo"]).lr == 1e-4
-    assert resolve(planned["rl/off/gspo"]).lr == 1e-4 and resolve(planned["rl/on/rank_grpo_exp_inf"]).lr == 3e-5
-    # the main seed's run of a selection arm is its selection run at the chosen rate, not a second training
+    chosen = pt.choose_rl_settings(cfg)
+    assert chosen["on/grpo"]["chosen"] == cands[3] and chosen["on/grpo"]["scores"]["lr0.0001_g16x4"] == 0.31
+    assert chosen["off/gspo"] == {"from": "on/grpo", "chosen": cands[3]}
+    assert chosen["on/rank_grpo_exp_inf"]["chosen"] == chosen["r1zero/rank_grpo_exp_inf"]["chosen"] == cands[0]
+    # every seed of an arm trains with its chosen settings
+    planned = {t.name: resolve(t) for t in pt.plan(cfg, {a: c["chosen"] for a, c in chosen.items()})
+               if t.name.startswith("rl/")}
+    for name in ("rl/on/grpo", "rl/seed3408/on/grpo", "rl/off/gspo"):
+        assert (planned[name].lr, planned[name].group_size, planned[name].prompts_per_step) == (1e-4, 16, 4)
+    assert planned["rl/on/rank_grpo_exp_inf"].lr == 3e-5 and planned["rl/on/rank_grpo_exp_inf"].group_size == 8
+    # the main seed's run of a selection arm is its selection run of the chosen settings, not a second training
     pt.reuse_selection_runs(cfg, chosen)
     link = tmp_path / "rl" / "on" / "grpo"
-    assert link.is_symlink() and link.resolve() == pt.selection_dir(cfg, "on/grpo", 1e-4).resolve()
+    assert link.is_symlink() and link.resolve() == pt.selection_dir(cfg, "on/grpo", cands[3]).resolve()
     pt.reuse_selection_runs(cfg, chosen)  # a rerun keeps it
     assert not (tmp_path / "rl" / "off" / "gspo").exists()  # trained at its own seed and arm
     link.unlink()
