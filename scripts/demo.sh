@@ -56,8 +56,9 @@ for kind in popularity teacher; do
       --catalog "$RUN/world/catalog.jsonl" --name "$kind" --out "$RUN/eval/$kind" --limit "$N_TEST" > "$RUN/eval_$kind.log"
 done
 
-stamp "6/7 evaluate.py on the test split, both decodings"
+stamp "6/7 evaluate.py on the test split, both decodings (two at a time, one thread each)"
 # name:checkpoint:directory under eval/:extra flags
+pids=()
 for entry in "base (zero-shot):$RUN/world/base_model:base:" \
              "SFT:$RUN/seed$SEED/sft/final:seed$SEED/sft:" \
              "Rank-GRPO:$RUN/seed$SEED/rankgrpo/final:seed$SEED/rankgrpo:" \
@@ -65,11 +66,15 @@ for entry in "base (zero-shot):$RUN/world/base_model:base:" \
              "Rank-GRPO, no repeats:$RUN/seed$SEED/rankgrpo/final:seed$SEED/rankgrpo_no_repeats:--constrained --no-exclude-seen"; do
   IFS=: read -r name model dir flags <<< "$entry"
   if [ ! -f "$RUN/eval/$dir/results.json" ]; then
+    # on 2 cores two 1-thread evaluations finish sooner than one 2-thread one after another
+    while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done  # a failed evaluation stops the script here...
     # shellcheck disable=SC2086  # $flags is a list of flags
-    $PY evaluate.py --model "$model" --data "$RUN/world/test.jsonl" --catalog "$RUN/world/catalog.jsonl" \
-        --name "$name" --out "$RUN/eval/$dir" --limit "$N_TEST" $flags > "$RUN/eval_${dir//\//_}.log"
+    OMP_NUM_THREADS=1 $PY evaluate.py --model "$model" --data "$RUN/world/test.jsonl" --catalog "$RUN/world/catalog.jsonl" \
+        --name "$name" --out "$RUN/eval/$dir" --limit "$N_TEST" $flags > "$RUN/eval_${dir//\//_}.log" &
+    pids+=($!)
   fi
 done
+for pid in "${pids[@]}"; do wait "$pid"; done  # ... or here
 
 stamp "7/7 results (test split, $N_TEST conversations, greedy, mean ±standard error clustered by prompt; seed $SEED)"
 echo "-- the paper's protocol"
