@@ -398,6 +398,14 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
     assert tested and all(c["seed_level"]["n"] == 3 and c["holm"]["p_holm"] >= c["seed_level"]["p"] for c in tested)
     assert all(c["seed_level"] is None for c in claims if "grow" in c["claim"])
     assert "Holm p = " in claim and "## Per-rank hit-rate differences" in text
+    # the primary family: the two hypotheses of the decoding chosen on validation, Holm over those two alone
+    primary = [c for c in claims if c["family"] == "primary"]
+    assert [c["claim"] for c in primary] == list(pt.PRIMARY["no_repeats"])
+    secondary = {c["claim"]: c["seed_level"]["p"] for c in claims if c["family"] == "secondary" and c["seed_level"]}
+    assert all(c["holm"]["p_holm"] == pytest.approx(min(1.0, max(2 * min(x["seed_level"]["p"] for x in primary),
+                                                                 c["seed_level"]["p"]))) for c in primary)
+    assert len(secondary) > 2 and "## The primary hypotheses" in text
+    assert text.index("## The primary hypotheses") < text.index("## The paper's claims, mechanically")
     assert "| 3409 | +0.0000 (+0.0 to +0.0 SE) |" in text  # rank_hits are equal in every synthetic run
 
 
