@@ -419,7 +419,7 @@ def selection_dir(cfg: PaperTablesConfig, arm: str, candidate: Mapping[str, Any]
 
 def validation_ndcg(path: Path) -> float:
     """Mean NDCG@20 of a validation evaluation's results.json."""
-    return json.loads(path.read_text(encoding="utf-8"))["ndcg@20"]["mean"]
+    return json.loads(path.read_text(encoding="utf-8"))["results"]["ndcg@20"]["mean"]
 
 
 def choose_rl_settings(cfg: PaperTablesConfig) -> dict[str, dict]:
@@ -1010,7 +1010,7 @@ def selection_section(cfg: PaperTablesConfig, label: Mapping[str, str]) -> list[
         return ["## Settings chosen on validation", "",
                 "None: this run chose no setting (--select-rl-lrs empty, --no-constrained-eval).", ""]
     selection = json.loads(path.read_text(encoding="utf-8"))
-    n_val = json.loads(next((Path(cfg.out) / "val_eval").rglob("results.json")).read_text())["n_examples"] \
+    n_val = json.loads(next((Path(cfg.out) / "val_eval").rglob("results.json")).read_text())["results"]["n_examples"] \
         if (Path(cfg.out) / "val_eval").is_dir() else cfg.n_validation
     md = ["## Settings chosen on validation", "",
           f"Chosen before any test conversation was scored, on the {n_val} validation conversations (greedy "

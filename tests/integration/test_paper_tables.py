@@ -411,7 +411,8 @@ def test_build_report_reads_every_evaluation_at_every_seed(tmp_path, monkeypatch
 
 def _validation_result(path, ndcg):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "results.json").write_text(json.dumps({"n_examples": 300, "ndcg@20": {"mean": ndcg}}))
+    (path / "results.json").write_text(json.dumps({"name": "x", "results": {"n_examples": 300,
+                                                                              "ndcg@20": {"mean": ndcg}}}))
 
 
 def test_rl_settings_are_chosen_on_validation_before_any_test_score(tmp_path):
