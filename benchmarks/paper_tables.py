@@ -31,15 +31,22 @@ and over seeds, the list shapes, the RL step-time breakdown), ``summary.json`` (
 PNGs (per-rank training reward per arm, validation NDCG@20 against step) when matplotlib is there.
 Runs are resumable: rerunning skips finished stages and resumes training runs.
 
-    python benchmarks/paper_tables.py                   # the committed report: about 80 minutes on 2 cores
-    python benchmarks/paper_tables.py --replicate all   # every arm at three seeds: about 40% more
+    python benchmarks/paper_tables.py                   # the committed report (its time: REPORT.md, "Time budgets")
+    python benchmarks/paper_tables.py --replicate all   # every arm at three seeds
     python benchmarks/paper_tables.py --quick           # smoke size: under 10 minutes
-    python benchmarks/paper_tables.py --report-only     # rebuild tables and figures from finished runs
-    python benchmarks/paper_tables.py --select-rl-lrs 3e-5 3e-4   # each arm's lr chosen on validation among these
+    python benchmarks/paper_tables.py --report-only     # rebuild tables, figures and REPORT.md's blocks from finished runs
 
-With --select-rl-lrs every RL arm is first trained at the main seed at each rate (OUT/select/) and
-scored by its last validation NDCG@20; the best rate is written to OUT/selection.json, used at
-every seed, and listed in the report. No test score exists before the choice is made.
+The protocol, in three phases, so that no setting is chosen on a test score:
+1. selection (--select-rl-lrs x --select-group-shapes, on by default): each arm judged at every
+   seed is trained at the main seed with every candidate (OUT/select/) and scored on every
+   validation conversation; the best is used at every seed (OUT/selection.json), and its run is
+   the main seed's run (OUT/rl/<arm> links to it);
+2. every other training run, and the decoding choice: the full-RRA SFT run and every RL arm
+   started from it, scored on validation in both decodings; the decoding with the higher mean
+   NDCG@20 carries the report's two primary hypotheses (PRIMARY);
+3. the test evaluations, once per final checkpoint.
+Afterwards the report: paper_tables.md, summary.json, the PNGs, and the generated blocks of
+REPORT.md where the results folder has one (rankgrpo.report_blocks).
 
 Independent runs go in parallel (--jobs, default 2), each with cpu_count // jobs torch threads:
 on 2 cores two 1-thread runs finish about 1.3x sooner than one 2-thread run after another. So the
