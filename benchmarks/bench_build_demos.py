@@ -8,10 +8,8 @@ Target: at most 2 minutes for the cold run on 2 CPU cores. Prints the seconds of
 stage, the peak memory and the validation stage table.
 """
 import argparse
-import importlib.util
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,16 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rankgrpo.metrics import format_table  # noqa: E402
+from rankgrpo.scripts import load_script  # noqa: E402
 
 TARGET_S = 120.0
-
-
-def load_script(path: Path):
-    """The build_demos.py script as a module (a script at the repository root, not part of the package)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = sys.modules.setdefault(path.stem, importlib.util.module_from_spec(spec))  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
 
 
 build_demos = load_script(Path(__file__).resolve().parents[1] / "build_demos.py")

@@ -56,10 +56,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -74,14 +72,7 @@ from rankgrpo.losses import eos_positions, group_advantages, loss_denominator, r
 from rankgrpo.models import model_from_config, qwen25_05b_config, resolve_dtype  # noqa: E402
 from rankgrpo.rewards import causal_returns  # noqa: E402
 from rankgrpo.sampling import sample, token_logprobs  # noqa: E402
-
-
-def load_script(path: Path):
-    """A script at the repository root (not part of the package) as a module."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = sys.modules.setdefault(path.stem, importlib.util.module_from_spec(spec))  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+from rankgrpo.scripts import load_script  # noqa: E402
 
 
 train_rankgrpo = load_script(Path(__file__).resolve().parents[1] / "train_rankgrpo.py")

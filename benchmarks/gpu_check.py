@@ -78,7 +78,6 @@ STARTED = time.perf_counter()  # the budget counts the imports too when run as a
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
-import importlib.util  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -95,17 +94,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
 
-
-def load_sibling(name: str):
-    """A benchmark script beside this one, as a module (the benchmarks are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_gpu_step = load_sibling("bench_gpu_step")
-bench_sampling = load_sibling("bench_sampling")
 from rankgrpo import compiled_decode  # noqa: E402
 from rankgrpo.compiled_decode import release_static_cache  # noqa: E402
 from rankgrpo.config import arg, parse_config  # noqa: E402
@@ -114,6 +102,10 @@ from rankgrpo.io import atomic_write_json, atomic_write_text  # noqa: E402
 from rankgrpo.models import model_config, model_from_config, qwen25_05b_config, resolve_dtype  # noqa: E402
 from rankgrpo.kv_cache import last_logits, left_pad, positions_from_mask  # noqa: E402
 from rankgrpo.sampling import sample  # noqa: E402
+from rankgrpo.scripts import load_script  # noqa: E402
+
+bench_gpu_step = load_script(Path(__file__).with_name("bench_gpu_step.py"))
+bench_sampling = load_script(Path(__file__).with_name("bench_sampling.py"))
 
 GB = 1e9
 # name fragment (lower case, most specific first) -> (memory bandwidth GB/s, dense bf16 TFLOP/s),

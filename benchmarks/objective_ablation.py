@@ -29,7 +29,6 @@ interrupted ablation continues where it stopped. OUT/summary.json holds every di
 from __future__ import annotations
 
 import json
-import importlib.util
 import shlex
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from rankgrpo.config import arg, flag_name, run_cli, save_config
 from rankgrpo.io import atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from rankgrpo.evaluation import prompt_clusters
 from rankgrpo.rl import OBJECTIVES
+from rankgrpo.scripts import load_script
 from rankgrpo.stats import paired_difference, seed_level_t
 from rankgrpo.task_runner import Task, run_tasks
 
@@ -144,13 +144,7 @@ def eval_dir(cfg: ObjectiveAblationConfig, name: str) -> Path:
 
 def script_main(script: str):
     """``main(argv)`` of one of the project's scripts, loaded from its file."""
-    module_name = f"_ablation_{Path(script).stem}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, ROOT / script)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[module_name].main
+    return load_script(ROOT / script, f"_ablation_{Path(script).stem}").main
 
 
 def launch(cfg: ObjectiveAblationConfig, script: str, argv: list[str]) -> None:

@@ -59,7 +59,6 @@ Worked example (k = 5, ground truth {Heat 1995, Alien 1979}, seen {Ran}, either 
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Iterable, Sequence
 

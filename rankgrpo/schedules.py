@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from rankgrpo.config import ConfigError
-
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> float:
     """Multiplier of the base lr: linear warm-up over ceil(warmup_ratio * total) steps, then cosine to 0.

@@ -14,6 +14,7 @@ from rankgrpo.models import ChatTemplateError, end_of_turn_ids, set_chat_templat
 from rankgrpo.sandbox.model import build_tokenizer
 from rankgrpo.models import eos_token_ids
 from rankgrpo.sft_data import CompletionTooLong, tokenize_sft, tokenize_sft_split
+from rankgrpo.scripts import load_script
 
 LIST = "\n".join(f"Film Number {i} ({1980 + i})" for i in range(20))
 CONVERSATION = "USER: " + " ".join(["I liked Heat (1995) and the long heist scenes."] * 30) + "\n"
@@ -128,15 +129,11 @@ def test_save_to_disk_split_reads_like_jsonl(tmp_path):
 
 def test_save_to_disk_split_through_a_script(tmp_path, capsys):
     datasets = pytest.importorskip("datasets", reason="the optional 'data' extra (datasets) is not installed")
-    import importlib.util
     from pathlib import Path
 
     datasets.Dataset.from_list([row(), row()]).save_to_disk(str(tmp_path / "test"))
     (tmp_path / "catalog.jsonl").write_text('{"title": "Film Number 3", "year": 1983}\n')
-    spec = importlib.util.spec_from_file_location("evaluate_for_hf_dir", Path(__file__).parents[2] / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script(Path(__file__).parents[2] / "evaluate.py", "evaluate_for_hf_dir")
     assert module.main(["--data", str(tmp_path / "test"), "--catalog", str(tmp_path / "catalog.jsonl"),
                         "--predictions-from-field", "completion", "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["results"]["n_examples"] == 2

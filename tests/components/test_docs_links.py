@@ -5,20 +5,13 @@ broken file link, a broken anchor and a long README, so a pass on the real docs 
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _checker():
-    spec = importlib.util.spec_from_file_location("check_links", ROOT / "scripts" / "check_links.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-check_links = _checker()
+check_links = load_script(ROOT / "scripts" / "check_links.py")
 
 
 def test_readme_and_docs_links_resolve():

@@ -3,18 +3,14 @@
 rounded to its decimals."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("check_report", ROOT / "scripts" / "check_report.py")
-check_report = importlib.util.module_from_spec(spec)
-sys.modules["check_report"] = check_report
-spec.loader.exec_module(check_report)
+check_report = load_script(ROOT / "scripts" / "check_report.py")
 
 
 @pytest.mark.parametrize("doc, heading, outputs", check_report.CHECKS)

@@ -5,10 +5,8 @@ of the numbers."""
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import io
 import re
-import sys
 import tokenize
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -20,18 +18,14 @@ from rankgrpo.config import parse_config
 from rankgrpo.sandbox import SandboxConfig, settings
 from rankgrpo.sandbox.__main__ import BuildCommand
 from rankgrpo.sandbox.__main__ import main as sandbox_main
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load(name: str, path: Path):
-    """A script or benchmark as a module (registered, so its dataclasses find their module)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """A script or benchmark as a module."""
+    return load_script(path, name)
 
 
 build_demos = load("build_demos", ROOT / "build_demos.py")

@@ -3,19 +3,15 @@ with the tiny preset: sampling, reference and policy log-probs, loss, backward a
 step that really moves the weights."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("bench_gpu_step", ROOT / "benchmarks" / "bench_gpu_step.py")
-bgs = importlib.util.module_from_spec(spec)
-sys.modules["bench_gpu_step"] = bgs  # dataclasses look their module up there
-spec.loader.exec_module(bgs)
+bgs = load_script(ROOT / "benchmarks" / "bench_gpu_step.py")
 
 TINY = ["--tiny", "--device", "cpu", "--steps", "1"]
 

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import json
 import os
 import re
-import sys
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -20,12 +18,11 @@ from rankgrpo.demos.pipeline import train_subset
 from rankgrpo.demos.teacher import ChatTeacher, TeacherError
 from rankgrpo.parsing import parse_recommendations
 from rankgrpo.sandbox import SandboxConfig, SandboxTeacher, build_world, load_world
+from rankgrpo.scripts import load_script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("build_demos", ROOT / "build_demos.py")
-build_demos = sys.modules.setdefault("build_demos", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(build_demos)
+build_demos = load_script(ROOT / "build_demos.py")
 
 TINY = SandboxConfig(n_films=300, n_train=200, n_validation=50, n_test=50, build_model=False)
 FIELDS = {"prompt", "completion", "seen_titles", "groundtruth_with_release_year", "id"}

@@ -2,29 +2,23 @@
 file, line or flag at fault, and no traceback. Run in-process through each script's main(argv)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from rankgrpo.data import build_prompt
+from rankgrpo.scripts import load_script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file runs
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(ROOT / f"{name}.py")
 
 
 ROW = {"prompt": [{"role": "user", "content": build_prompt("USER: something like Heat?\n")}],

@@ -17,7 +17,6 @@ Substitutions, nothing else:
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -32,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -189,13 +189,7 @@ class SandboxChatAPI:
 
 
 def in_process(script: str, argv: list[str]) -> int:
-    name = f"_documented_{Path(script).stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / script)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name].main(argv)
+    return load_script(ROOT / script, f"_documented_{Path(script).stem}").main(argv)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ documented commands: steps, prompts, group size, tokens.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -18,19 +17,14 @@ from pathlib import Path
 
 import pytest
 from test_pipeline import ENV, ROOT, rl_args, sft_args, world  # noqa: F401  (world is a fixture)
+from rankgrpo.scripts import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 def main_of(script: str):
-    name = f"_matrix_{Path(script).stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / script)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name].main
+    return load_script(ROOT / script, f"_matrix_{Path(script).stem}").main
 
 
 def sft_one_step(world, out, *flags):  # noqa: F811

@@ -4,7 +4,6 @@ a run killed halfway, and the whole check in its --tiny form on the CPU (the sam
 run takes, with tiny shapes)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,12 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(spec)
-sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up there
-spec.loader.exec_module(gpu_check)
+gpu_check = load_script(ROOT / "benchmarks" / "gpu_check.py")
 
 
 def test_decode_bound_by_hand():

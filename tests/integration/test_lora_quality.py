@@ -2,10 +2,8 @@
 arms share the full-SFT start, and --quick runs end to end (runs, evaluations, the table)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +11,10 @@ from test_pipeline import world  # noqa: F401  (a fixture)
 
 from rankgrpo.config import parse_config
 from rankgrpo.sandbox import settings
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("lora_quality", ROOT / "benchmarks" / "lora_quality.py")
-lq = importlib.util.module_from_spec(spec)
-sys.modules["lora_quality"] = lq  # dataclasses look their module up there
-spec.loader.exec_module(lq)
+lq = load_script(ROOT / "benchmarks" / "lora_quality.py")
 
 
 def flags_of(cmd: list[str]) -> dict[str, str]:

@@ -2,21 +2,17 @@
 runs end to end on a tiny world (RL, evaluation, paired differences, summary.json)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from test_pipeline import world  # noqa: F401  (a fixture)
 
 from rankgrpo.rl import OBJECTIVES
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("objective_ablation", ROOT / "benchmarks" / "objective_ablation.py")
-ablation = importlib.util.module_from_spec(spec)
-sys.modules["objective_ablation"] = ablation  # dataclasses look their module up there
-spec.loader.exec_module(ablation)
+ablation = load_script(ROOT / "benchmarks" / "objective_ablation.py")
 
 RULES = list(OBJECTIVES["paper"])
 

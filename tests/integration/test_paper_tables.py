@@ -12,25 +12,13 @@ import pytest
 
 from rankgrpo.sandbox import settings
 from rankgrpo.task_runner import record_seconds
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("paper_tables", ROOT / "benchmarks" / "paper_tables.py")
-pt = importlib.util.module_from_spec(spec)
-sys.modules["paper_tables"] = pt  # dataclasses look their module up there
-spec.loader.exec_module(pt)
-
-
-def _script(name):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-SCRIPT_CONFIGS = {"train_sft": _script("train_sft").TrainSFTConfig,
-                  "train_rankgrpo": _script("train_rankgrpo").TrainRankGRPOConfig,
-                  "evaluate": _script("evaluate").EvaluateConfig}
+pt = load_script(ROOT / "benchmarks" / "paper_tables.py")
+SCRIPT_CONFIGS = {"train_sft": load_script(ROOT / "train_sft.py").TrainSFTConfig,
+                  "train_rankgrpo": load_script(ROOT / "train_rankgrpo.py").TrainRankGRPOConfig,
+                  "evaluate": load_script(ROOT / "evaluate.py").EvaluateConfig}
 
 
 def _cfg(*argv):
@@ -240,7 +228,6 @@ def test_judge_claims_pairs_each_seed_with_its_own_sft_run():
 
 
 def test_without_matplotlib_the_run_warns_before_any_work_and_writes_tables_only(monkeypatch, capsys):
-    import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))

@@ -12,9 +12,7 @@ rollout as written, not from the code under test.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,18 +26,12 @@ from rankgrpo.losses import rank_grpo_loss
 from rankgrpo.models import tiny_model
 from rankgrpo.rl import advantages_for, prepare_batch, update_pass
 from rankgrpo.sampling import Rollout, sample
+from rankgrpo.scripts import load_script
 
 
 def _script_config():
     """The script's own config dataclass (loaded from its file, whatever sys.path holds)."""
-    module = sys.modules.get("train_rankgrpo")
-    if module is None:
-        path = Path(__file__).resolve().parents[2] / "train_rankgrpo.py"
-        spec = importlib.util.spec_from_file_location("train_rankgrpo", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return module.TrainRankGRPOConfig
+    return load_script(Path(__file__).resolve().parents[2] / "train_rankgrpo.py").TrainRankGRPOConfig
 
 
 TrainRankGRPOConfig = _script_config()

@@ -9,7 +9,6 @@ floor of setup.cfg (scripts/min_constraints.py).
 """
 import configparser
 import doctest
-import importlib.util
 import re
 import warnings
 from pathlib import Path
@@ -23,11 +22,10 @@ from rankgrpo.compiled_decode import takes_cache_position
 from rankgrpo.models import tiny_model
 from rankgrpo.kv_cache import cache_argument
 from rankgrpo.sampling import sample
+from rankgrpo.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("min_constraints", ROOT / "scripts" / "min_constraints.py")
-min_constraints = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(min_constraints)
+min_constraints = load_script(ROOT / "scripts" / "min_constraints.py")
 
 
 class NewStyle(torch.nn.Module):
