@@ -183,6 +183,16 @@ def resolve_paths(cfg: BuildDemosConfig) -> BuildDemosConfig:
     )
 
 
+def load_inputs(cfg: BuildDemosConfig):
+    """(catalog, training examples, validation examples) from the configured paths; bad input
+    ends the run with one line naming the file, line and field."""
+    try:
+        return (load_catalog(cfg.catalog), load_examples(cfg.train_data, require_groundtruth=False),
+                load_examples(cfg.val_data, require_groundtruth=False))
+    except (CatalogError, DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def build_teacher(cfg: BuildDemosConfig, world) -> Teacher:
     """The configured backend (without its cache)."""
     if cfg.teacher == "sandbox":
@@ -222,17 +232,14 @@ def build_demos(cfg: BuildDemosConfig, *, teacher: Teacher | None = None, embedd
     cfg.validate()
     check_inputs(cfg)
     torch.set_num_threads(cfg.threads)
+    # data given by path is read first: a bad file fails before a missing world is built (minutes)
+    inputs = load_inputs(cfg) if cfg.train_data and cfg.val_data and cfg.catalog else None
     world = prepare_world(cfg.world, log) if needs_world(cfg, teacher is not None) else None
     cfg = resolve_paths(cfg)
     check_inputs(cfg)
     lap("world")
 
-    try:
-        catalog = load_catalog(cfg.catalog)
-        train_all = load_examples(cfg.train_data, require_groundtruth=False)
-        val = load_examples(cfg.val_data, require_groundtruth=False)
-    except (CatalogError, DataError) as e:
-        raise SystemExit(f"error: {e}") from None
+    catalog, train_all, val = inputs or load_inputs(cfg)
     if catalog.report.dropped:
         log(f"build_demos: catalog: {catalog.report.summary()}")
     for name, rows in (("train", train_all), ("validation", val)):

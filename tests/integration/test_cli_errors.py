@@ -227,6 +227,9 @@ def test_bad_input_is_one_line_naming_what_is_wrong(files, capsys, case):
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ")
     assert re.search(pattern, lines[0]), lines[0]
+    # bad input fails before any work: build_demos reads the files it is given before it would build
+    # the missing sandbox world it names (minutes of pretraining)
+    assert not (files / "no_world").exists()
 
 
 def test_the_table_is_broad():
