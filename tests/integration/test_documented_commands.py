@@ -78,6 +78,8 @@ EXEMPT = [
     (r"^python benchmarks/paper_tables\.py", "hours of CPU (--quick: minutes)",
      "tests/integration/test_paper_tables.py parses every stage's command as its script would; each report "
      "is made with it, and --quick is run from a fresh clone with it"),
+    (r"^python benchmarks/bench_lora_memory\.py", "four child processes per command",
+     "tests/integration/test_bench_lora_memory.py runs it at tiny sizes, --json included"),
     (r"^python benchmarks/lora_quality\.py", "48 minutes of CPU",
      "tests/integration/test_lora_quality.py runs it at --quick sizes"),
     (r"^python benchmarks/gpu_check\.py(?! --tiny)", "needs a CUDA GPU",
