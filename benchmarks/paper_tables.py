@@ -33,7 +33,7 @@ Runs are resumable: rerunning skips finished stages and resumes training runs.
 
     python benchmarks/paper_tables.py                   # the committed report (its time: REPORT.md, "Time budgets")
     python benchmarks/paper_tables.py --replicate all   # every arm at three seeds
-    python benchmarks/paper_tables.py --quick           # smoke size: under 10 minutes
+    python benchmarks/paper_tables.py --quick           # smoke size, every stage once
     python benchmarks/paper_tables.py --report-only     # rebuild tables, figures and REPORT.md's blocks from finished runs
 
 The protocol, in three phases, so that no setting is chosen on a test score:
@@ -90,8 +90,9 @@ class PaperTablesConfig:
                                          "logs); rerunning resumes.")
     results: str = arg(RESULTS_DEFAULT, "Where paper_tables.md, summary.json and the PNGs are written "
                                         "(default with --quick: OUT/results).")
-    quick: bool = arg(False, "Smoke size (under 10 minutes on 2 cores): 40 SFT steps, 3 RL rounds, 100 test "
-                             "conversations. Shows that every stage runs, not the paper's findings.")
+    quick: bool = arg(False, "Smoke size: 40 SFT steps, 3 RL rounds, 100 test conversations, every stage of "
+                             "the full run once (its time: REPORT.md, \"Time budgets\"). Shows that every "
+                             "stage runs, not the paper's findings.")
     report_only: bool = arg(False, "Only rebuild the tables and figures from finished runs.")
     figures: bool = arg(True, "Also draw the PNG figures. They need matplotlib (the 'plot' extra); that is "
                               "checked before any work starts, and without it the run writes the tables only, "
