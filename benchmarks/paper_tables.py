@@ -285,7 +285,6 @@ def plan(cfg: PaperTablesConfig, chosen: Mapping[str, Mapping[str, Any]] | None 
                      group_size=cfg.group_size, beta=cfg.beta, max_new_tokens=cfg.max_new_tokens,
                      stop_after_lines=cfg.stop_after_lines, eval_every=cfg.eval_every, val_examples=cfg.val_examples,
                      save_every=cfg.eval_every)
-    eval_values = dict(max_new_tokens=cfg.max_new_tokens, **REPORT["evaluate"])
     tasks = [Task("world", [py, "-m", "rankgrpo.sandbox", "--out", str(world), "--preset", "demo",
                             *differing(WORLD, world_values)],
                   world / "base_model" / "config.json", alone=True)]
@@ -315,13 +314,22 @@ def plan(cfg: PaperTablesConfig, chosen: Mapping[str, Mapping[str, Any]] | None 
             *(["--constrained", "--no-exclude-seen"] if arm.constrained else []), "--resume"],
             run / "final" / "config.json", ["world" if arm.start == "world" else arm.start]))
     for name, model, dep in eval_targets(cfg):
-        tasks.append(Task(f"eval/{name}", [py, "evaluate.py", "--model", str(model), "--data", data["test"],
-                                           "--catalog", data["catalog"], "--name", name,
-                                           "--out", str(out / "eval" / name), *differing(EVALUATE, eval_values),
-                                           *(["--constrained", "--no-exclude-seen"]
-                                             if name.startswith(CONSTRAINED) else [])],
-                          out / "eval" / name / "results.json", [dep]))
+        tasks.append(eval_task(cfg, f"eval/{name}", model, "test", out / "eval" / name, name.startswith(CONSTRAINED),
+                               dep, label=name))
     return tasks
+
+
+def eval_task(cfg: PaperTablesConfig, task: str, model: Path, split: str, dest: Path, no_repeats: bool, dep: str,
+              label: str = "") -> Task:
+    """evaluate.py on every conversation of the world's ``split`` ('test' or 'validation'), greedy,
+    at the report's evaluation settings; ``no_repeats``: lists that cannot name a film twice."""
+    world = Path(cfg.out) / "world"
+    eval_values = dict(max_new_tokens=cfg.max_new_tokens, **REPORT["evaluate"])
+    return Task(task, [cfg.python or sys.executable, "evaluate.py", "--model", str(model),
+                       "--data", str(world / f"{split}.jsonl"), "--catalog", str(world / "catalog.jsonl"),
+                       "--name", label or task, "--out", str(dest), *differing(EVALUATE, eval_values),
+                       *(["--constrained", "--no-exclude-seen"] if no_repeats else [])],
+                dest / "results.json", [dep])
 
 
 def base_arm(name: str) -> str:
@@ -405,20 +413,9 @@ def selection_tasks(cfg: PaperTablesConfig) -> list[Task]:
                     cmd += [flag, f"{value:g}"]
             name = f"select/{arm.name}/{candidate_name(c)}"
             out.append(Task(name, cmd, run / "final" / "config.json", t.deps))
-            out.append(validation_eval(cfg, f"{name}/val", run / "final", run / "val_eval", arm.constrained, name))
+            out.append(eval_task(cfg, f"{name}/val", run / "final", "validation", run / "val_eval", arm.constrained,
+                                 name))
     return out
-
-
-def validation_eval(cfg: PaperTablesConfig, name: str, model: Path, dest: Path, no_repeats: bool,
-                    dep: str) -> Task:
-    """evaluate.py on every validation conversation (greedy, the report's evaluation settings)."""
-    world = Path(cfg.out) / "world"
-    eval_values = dict(max_new_tokens=cfg.max_new_tokens, **REPORT["evaluate"])
-    return Task(name, [cfg.python or sys.executable, "evaluate.py", "--model", str(model),
-                       "--data", str(world / "validation.jsonl"), "--catalog", str(world / "catalog.jsonl"),
-                       "--name", name, "--out", str(dest), *differing(EVALUATE, eval_values),
-                       *(["--constrained", "--no-exclude-seen"] if no_repeats else [])],
-                dest / "results.json", [dep])
 
 
 def selection_dir(cfg: PaperTablesConfig, arm: str, candidate: Mapping[str, Any]) -> Path:
@@ -471,8 +468,8 @@ def decoding_tasks(cfg: PaperTablesConfig) -> list[Task]:
     out = Path(cfg.out)
     runs = [("sft/full", out / "sft" / "full" / "final")]
     runs += [(f"rl/{a.name}", out / "rl" / a.name / "final") for a in selected_arms(cfg) if a.start != "world"]
-    return [validation_eval(cfg, f"val/{mode}{name}", model, out / "val_eval" / f"{mode}{name}", bool(mode), name)
-            for name, model in runs for mode in ("", CONSTRAINED)]
+    return [eval_task(cfg, f"val/{mode}{name}", model, "validation", out / "val_eval" / f"{mode}{name}", bool(mode),
+                      name) for name, model in runs for mode in ("", CONSTRAINED)]
 
 
 def choose_decoding(cfg: PaperTablesConfig) -> dict:
