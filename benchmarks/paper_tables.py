@@ -341,15 +341,16 @@ def base_arm(name: str) -> str:
     return re.sub(r"^seed\d+/", "", name)
 
 
-# The arms whose learning rate --select-rl-lrs chooses on validation: the ones judged at every seed.
-# Each other arm takes the rate chosen for its counterpart, named here (an off-policy arm: its
-# on-policy arm; GSPO: GRPO's; R1-zero: Rank-GRPO exp∞'s), so no rate is ever picked on test.
+# The selection (--select-rl-lrs x --select-group-shapes) trains the arms judged at every seed.
+# Each other arm takes the learning rate and group shape chosen for its counterpart, named here (an
+# off-policy arm: its on-policy arm; GSPO: GRPO's; R1-zero: Rank-GRPO exp∞'s), so no setting is
+# ever picked on test.
 LR_SOURCE = {"off/grpo": "on/grpo", "off/gspo": "on/grpo", "off/rank_grpo_log": "on/rank_grpo_log",
              "off/rank_grpo_exp_inf": "on/rank_grpo_exp_inf", "r1zero/rank_grpo_exp_inf": "on/rank_grpo_exp_inf"}
 
 
 def lr_source(arm: str) -> str:
-    """The arm whose validation choice sets ``arm``'s learning rate.
+    """The arm whose validation choice sets ``arm``'s learning rate and group shape.
 
     >>> lr_source("off/gspo"), lr_source("con/grpo")
     ('on/grpo', 'con/grpo')
