@@ -30,6 +30,22 @@ BLOCK = re.compile(r'(<!-- generated from (?P<file>\S+)(?: "(?P<heading>[^"]+)")
                    r'(<!-- end generated -->)', re.S)
 
 
+def heading_bounds(lines: list[str], heading: str, source: str) -> tuple[int, int]:
+    """(index of the ``heading`` line, index of the next heading of its level or higher, or the end).
+
+    >>> heading_bounds(["# A", "x", "## B", "y", "### C", "## D"], "## B", "f.md")
+    (2, 5)
+    """
+    try:
+        start = [line.strip() for line in lines].index(heading)
+    except ValueError:
+        raise SystemExit(f"error: {source}: no heading {heading!r}") from None
+    level = len(heading) - len(heading.lstrip("#"))
+    end = next((j for j in range(start + 1, len(lines))
+                if lines[j].startswith("#") and len(lines[j]) - len(lines[j].lstrip("#")) <= level), len(lines))
+    return start, end
+
+
 def heading_section(text: str, heading: str, source: str) -> str:
     """The text under ``heading`` (exact line), without it, to the next heading of its level or
     higher, stripped of blank lines at either end.
@@ -38,13 +54,7 @@ def heading_section(text: str, heading: str, source: str) -> str:
     'y\\n\\n### C\\nz'
     """
     lines = text.splitlines()
-    try:
-        start = lines.index(heading)
-    except ValueError:
-        raise SystemExit(f"error: {source}: no heading {heading!r}") from None
-    level = len(heading) - len(heading.lstrip("#"))
-    end = next((j for j in range(start + 1, len(lines))
-                if lines[j].startswith("#") and len(lines[j]) - len(lines[j].lstrip("#")) <= level), len(lines))
+    start, end = heading_bounds(lines, heading, source)
     return "\n".join(lines[start + 1:end]).strip("\n")
 
 

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from rankgrpo.report_blocks import heading_bounds
+
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = re.compile(r"(?<![\w.])[+\-−±]?(\d+\.\d{3,})(?!\w|\.\d)")  # "0.989." ends a sentence
 CHECKS = (  # (document, section heading or None for all of it, folder of its committed outputs)
@@ -42,14 +44,11 @@ def figures(text: str) -> Iterator[tuple[int, str]]:
 
 
 def section(text: str, heading: str | None) -> tuple[str, int]:
-    """The text under ``heading`` up to the next heading of the same level, and the line it starts on."""
+    """The text from ``heading`` to the next heading of its level or higher, and the line it starts on."""
     if heading is None:
         return text, 0
     lines = text.splitlines()
-    level = heading.split(" ")[0]
-    start = next(i for i, line in enumerate(lines) if line.strip() == heading)
-    end = next((j for j in range(start + 1, len(lines))
-                if lines[j].startswith("#") and lines[j].split(" ")[0] == level), len(lines))
+    start, end = heading_bounds(lines, heading, "document")
     return "\n".join(lines[start:end]), start
 
 
